@@ -1,0 +1,72 @@
+"""What the terminal shows: a rich summary and tables, a tqdm progress bar."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from .evaluate import EvalResult
+from .train import Reporter
+
+console = Console(stderr=True, highlight=False)
+
+
+def key_value_table(title: str, rows: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for key, value in rows.items():
+        if value is not None:
+            table.add_row(key, str(value))
+    return table
+
+
+def eval_table(title: str, result: EvalResult, extra: dict[str, Any] | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in ("loss (nats/char)", "bits/char", "perplexity", "characters"):
+        table.add_column(name, justify="right")
+    table.add_row(f"{result.loss:.4f}", f"{result.bits_per_char:.4f}", f"{result.perplexity:.3f}", f"{result.chars:,}")
+    if extra:
+        table.caption = ", ".join(f"{k}: {v}" for k, v in extra.items())
+    return table
+
+
+class ConsoleReporter(Reporter):
+    """Summary table at the start, a tqdm bar with loss, lr and chars/s, validation lines as they come."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar: tqdm | None = None
+
+    def start(self, summary: dict[str, Any]) -> None:
+        console.print(key_value_table("charlm train", summary))
+        self.bar = tqdm(total=None, unit="step", dynamic_ncols=True, disable=self.quiet, file=sys.stderr,
+                        initial=0, leave=True)
+
+    def progress(self, step: int, total: int | None, metrics: dict[str, float]) -> None:
+        if self.bar is None:
+            return
+        if total is not None and self.bar.total != total:
+            self.bar.total = total
+        self.bar.n = step
+        self.bar.set_postfix_str(
+            f"loss {metrics['loss']:.3f} lr {metrics['lr']:.1e} {metrics['chars_per_sec']:,.0f} chars/s "
+            f"epoch {metrics['epoch']:.2f}", refresh=True)
+
+    def evaluated(self, step: int, val_loss: float, is_best: bool) -> None:
+        self.note(f"step {step}: validation loss {val_loss:.4f}" + (" (best so far, saved best.pt)" if is_best else ""))
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        elif not self.quiet:
+            console.print(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

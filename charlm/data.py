@@ -1,0 +1,308 @@
+"""Corpora: download, decode, encode to code-point ids, cache, split and batch.
+
+A vocabulary is the sorted set of Unicode code points of the corpus. Encoding is
+done in chunks with numpy (no per-character Python loop), written straight into
+a memory-mapped ``.npy`` cache so a second run, or a corpus of hundreds of MB,
+starts at once and never needs the whole text in memory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .errors import CharlmError
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_FILE = "tinyshakespeare.txt"
+MAX_CODE_POINT = 0x110000
+CHUNK_BYTES = 1 << 24
+CACHE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- download
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
+    """Fetch ``url`` into ``dest`` atomically, refusing content whose sha256 differs."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    for block in iter(lambda: response.read(1 << 16), b""):
+                        out.write(block)
+            except (urllib.error.URLError, OSError, ValueError) as err:
+                reason = getattr(err, "reason", err)
+                raise CharlmError(
+                    f"could not download {url} ({reason}); put the file at {dest} or pass --data FILE"
+                ) from None
+            out.flush()
+            os.fsync(out.fileno())
+        actual = sha256_of(tmp)
+        if actual != sha256:
+            raise CharlmError(
+                f"downloaded {url} but its sha256 is {actual}, expected {sha256}; nothing was saved, "
+                f"put a good copy at {dest} or pass --data FILE"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def default_corpus(data_dir: str | Path, url: str = SHAKESPEARE_URL) -> Path:
+    """Tiny Shakespeare in the cache directory, downloaded and verified on first use."""
+    dest = Path(data_dir) / SHAKESPEARE_FILE
+    if dest.is_file():
+        if sha256_of(dest) != SHAKESPEARE_SHA256:
+            raise CharlmError(f"{dest} does not match the Tiny Shakespeare checksum; delete it to download again")
+        return dest
+    return download(url, dest, SHAKESPEARE_SHA256)
+
+
+def open_corpus(config: DataConfig) -> "Corpus":
+    """The corpus a config names (its own file, or Tiny Shakespeare when none is given), encoded."""
+    path = Path(config.path) if config.path else default_corpus(config.dir)
+    return load_corpus(path, config.dir, config.encoding_errors)
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+class Vocab:
+    """Maps characters (code points) to ids 0..size-1 and back."""
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars) or not chars:
+            raise ValueError("a vocabulary needs distinct characters")
+        self.chars = chars
+        points = np.array([ord(c) for c in chars], dtype=np.int64)
+        self._lookup = np.full(MAX_CODE_POINT, -1, dtype=np.int32)
+        self._lookup[points] = np.arange(len(chars), dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def __contains__(self, char: str) -> bool:
+        return self._lookup[ord(char)] >= 0
+
+    def unknown(self, text: str) -> list[str]:
+        """The distinct characters of ``text`` missing from the vocabulary, in order of appearance."""
+        points = code_points(text)
+        return list(dict.fromkeys(map(chr, points[self._lookup[points] < 0].tolist())))
+
+    def encode(self, text: str, skip_unknown: bool = False) -> np.ndarray:
+        ids = self._lookup[code_points(text)]
+        if (ids < 0).any():
+            if not skip_unknown:
+                raise KeyError(self.unknown(text))
+            ids = ids[ids >= 0]
+        return ids.astype(np.int64)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+def code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def describe_chars(chars: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(c) for c in chars[:limit])
+    return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def iter_text_chunks(path: Path, errors: str):
+    """Decode a UTF-8 file chunk by chunk, with one-line errors for bad input."""
+    if not path.exists():
+        raise CharlmError(f"corpus file {path} not found; check the path or pass --data FILE")
+    if path.is_dir():
+        raise CharlmError(f"{path} is a directory; --data needs a text file")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    offset = 0
+    with path.open("rb") as fh:
+        while True:
+            block = fh.read(CHUNK_BYTES)
+            if offset == 0 and b"\x00" in block[:8192]:
+                raise CharlmError(f"{path} looks like a binary file (it has NUL bytes); charlm trains on UTF-8 text")
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                raise CharlmError(
+                    f"{path} is not valid UTF-8 (byte 0x{err.object[err.start]:02x} at offset {offset + err.start}); "
+                    "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass --data.encoding-errors replace"
+                ) from None
+            if text:
+                yield text
+            if not block:
+                return
+            offset += len(block)
+
+
+def id_dtype(vocab_size: int):
+    return np.uint8 if vocab_size <= 256 else np.int16 if vocab_size <= 32767 else np.int32
+
+
+def encode_file(path: Path, out: Path, errors: str = "strict") -> Vocab:
+    """Two chunked passes: find the code points, then write their ids into ``out`` (.npy)."""
+    seen = np.zeros(MAX_CODE_POINT, dtype=bool)
+    length = 0
+    for text in iter_text_chunks(path, errors):
+        points = code_points(text)
+        seen[points] = True
+        length += len(points)
+    if length == 0:
+        raise CharlmError(f"{path} is empty; charlm needs some text to learn from")
+    vocab = Vocab("".join(map(chr, np.flatnonzero(seen))))
+    ids = np.lib.format.open_memmap(out, mode="w+", dtype=id_dtype(len(vocab)), shape=(length,))
+    start = 0
+    for text in iter_text_chunks(path, errors):
+        chunk = vocab._lookup[code_points(text)]
+        ids[start:start + len(chunk)] = chunk
+        start += len(chunk)
+    ids.flush()
+    del ids
+    return vocab
+
+
+@dataclass
+class Corpus:
+    """A text file's ids (memory-mapped) and its vocabulary."""
+
+    path: Path
+    ids: np.ndarray
+    vocab: Vocab
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def split(self, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous train/validation split: the last ``val_fraction`` is held out."""
+        n_val = int(len(self.ids) * val_fraction)
+        with warnings.catch_warnings():  # read-only memory map: nothing ever writes to it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            data = torch.from_numpy(self.ids)
+        return data[: len(data) - n_val], data[len(data) - n_val:]
+
+
+def load_corpus(path: str | Path, cache_dir: str | Path, errors: str = "strict") -> Corpus:
+    """Encode ``path`` once and reuse the cached ids while the file is unchanged."""
+    path = Path(path)
+    if not path.exists() or path.is_dir():
+        next(iter_text_chunks(path, errors), None)  # raises the right one-line error
+    stat = path.stat()
+    key = hashlib.sha1(f"{CACHE_VERSION}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{errors}".encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / "encoded"
+    ids_file, vocab_file = cache / f"{path.stem}-{key}.npy", cache / f"{path.stem}-{key}.json"
+    if not (ids_file.is_file() and vocab_file.is_file()):
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CharlmError(f"cannot create the cache directory {cache} ({err.strerror}); pass --data-dir DIR") from None
+        tmp = ids_file.with_suffix(f".{os.getpid()}.tmp.npy")
+        try:
+            vocab = encode_file(path, tmp, errors)
+            os.replace(tmp, ids_file)
+        finally:
+            tmp.unlink(missing_ok=True)
+        tmp_vocab = vocab_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp_vocab.write_text(json.dumps({"source": str(path), "chars": vocab.chars}), encoding="utf-8")
+        os.replace(tmp_vocab, vocab_file)
+    vocab = Vocab(json.loads(vocab_file.read_text(encoding="utf-8"))["chars"])
+    return Corpus(path=path, ids=np.load(ids_file, mmap_mode="r"), vocab=vocab)
+
+
+# ----------------------------------------------------------------------------- batching
+
+class StreamBatcher:
+    """Truncated-BPTT batches over ``batch_size`` contiguous streams of the data.
+
+    As in char-rnn, row b of every batch continues where row b of the previous
+    batch stopped, so the hidden state can be carried over. The position
+    (epoch, offset) and the generator fully determine the next batch, which is
+    what makes an exact resume possible.
+    """
+
+    def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int,
+                 random_seq_len: bool = False, generator: torch.Generator | None = None):
+        self.stream_len = (len(data) - 1) // batch_size
+        if self.stream_len < seq_len + 1:
+            raise ValueError("data too short")
+        usable = batch_size * self.stream_len
+        self.inputs = data[:usable].view(batch_size, self.stream_len)
+        self.targets = data[1:usable + 1].view(batch_size, self.stream_len)
+        self.seq_len = seq_len
+        self.random_seq_len = random_seq_len
+        self.generator = generator
+        self.epoch = 0
+        self.offset = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.stream_len // self.seq_len
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch + self.offset / self.stream_len
+
+    def next_length(self) -> int:
+        """AWD-LSTM style: usually around seq_len, sometimes around half of it."""
+        if not self.random_seq_len:
+            return self.seq_len
+        draw = torch.rand(2, generator=self.generator)
+        base = self.seq_len if draw[0] < 0.95 else self.seq_len / 2
+        length = int(round(base + 0.1 * self.seq_len * float(torch.randn(1, generator=self.generator))))
+        return max(self.seq_len // 4, min(length, 2 * self.seq_len, self.stream_len))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(inputs, targets, new_epoch); ``new_epoch`` means: reset the hidden state."""
+        length = self.next_length()
+        new_epoch = False
+        if self.offset + length > self.stream_len:
+            self.epoch, self.offset, new_epoch = self.epoch + 1, 0, True
+        start = self.offset
+        self.offset += length
+        return self.inputs[:, start:self.offset], self.targets[:, start:self.offset], new_epoch or start == 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+def eval_windows(data: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = None):
+    """Contiguous evaluation windows over ``batch_size`` streams, for a hidden state carried along."""
+    streams = max(1, min(batch_size, (len(data) - 1) // seq_len))
+    stream_len = (len(data) - 1) // streams
+    inputs = data[: streams * stream_len].view(streams, stream_len)
+    targets = data[1: streams * stream_len + 1].view(streams, stream_len)
+    starts = range(0, stream_len, seq_len)
+    for i, start in enumerate(starts):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield inputs[:, start:start + seq_len], targets[:, start:start + seq_len]

@@ -1,0 +1,127 @@
+"""The character-level recurrent language model.
+
+An embedding, a stack of ``torch.nn.RNN/LSTM/GRU`` layers (so cuDNN and oneDNN
+run the recurrence) and a linear read-out. ``step`` advances one character with
+the fused single-step cell kernels, which is what makes sampling fast.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+RECURRENT = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+CELL_STEP = {"rnn": torch.rnn_tanh_cell, "lstm": torch.lstm_cell, "gru": torch.gru_cell}
+
+Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class CharRNN(nn.Module):
+    def __init__(self, vocab_size: int, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, config.embedding_size)
+        self.rnn = RECURRENT[config.cell](
+            config.embedding_size, config.hidden_size, config.layers,
+            dropout=config.dropout if config.layers > 1 else 0.0, batch_first=True,
+        )
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.output_dropout = nn.Dropout(config.output_dropout)
+        # Tying needs the read-out's input to have the embedding's width.
+        tied_projection = config.tie_weights and config.hidden_size != config.embedding_size
+        self.projection = nn.Linear(config.hidden_size, config.embedding_size, bias=False) if tied_projection else None
+        self.head = nn.Linear(config.embedding_size if config.tie_weights else config.hidden_size, vocab_size)
+        if config.tie_weights:
+            self.head.weight = self.embedding.weight
+        nn.init.normal_(self.embedding.weight, std=0.1 if config.tie_weights else 1.0)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def readout(self, output: torch.Tensor) -> torch.Tensor:
+        if self.projection is not None:
+            output = self.projection(output)
+        return self.head(output)
+
+    def forward(self, ids: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
+        """ids (B, T) -> logits (B, T, V) and the hidden state after the last step."""
+        x = self.embedding_dropout(self.embedding(ids))
+        output, hidden = self.rnn(x, hidden)
+        return self.readout(self.output_dropout(output)), hidden
+
+    def init_hidden(self, batch_size: int, device: torch.device | str = "cpu") -> Hidden:
+        shape = (self.config.layers, batch_size, self.config.hidden_size)
+        zeros = torch.zeros(shape, device=device)
+        return (zeros, zeros.clone()) if self.config.cell == "lstm" else zeros
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
+        """One character for each of B streams: ids (B,) -> logits (B, V), new hidden.
+
+        Uses the single-step cell kernels on the recurrent layer's own weights:
+        calling the full ``nn.LSTM`` per character costs far more in overhead.
+        """
+        cell = CELL_STEP[self.config.cell]
+        x = self.embedding(ids)
+        lstm = self.config.cell == "lstm"
+        h_all, c_all = hidden if lstm else (hidden, None)
+        new_h, new_c = [], []
+        for layer in range(self.config.layers):
+            weights = [getattr(self.rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            if lstm:
+                h, c = cell(x, (h_all[layer], c_all[layer]), *weights)
+                new_c.append(c)
+            else:
+                h = cell(x, h_all[layer], *weights)
+            new_h.append(h)
+            x = h
+        h_all = torch.stack(new_h)
+        return self.readout(x), ((h_all, torch.stack(new_c)) if lstm else h_all)
+
+    @contextmanager
+    def weight_drop(self, generator: torch.Generator | None = None):
+        """DropConnect on the hidden-to-hidden matrices for one forward/backward.
+
+        The masks are applied in place to the existing parameters, so the
+        recurrent layer keeps its flat, fused weight buffer (no re-flattening
+        on cuDNN). After backward the raw weights come back and the gradients
+        are masked, which is exactly the gradient of the dropped-out weights.
+        """
+        p = self.config.weight_drop
+        if p == 0.0 or not self.training:
+            yield
+            return
+        weights = [getattr(self.rnn, f"weight_hh_l{layer}") for layer in range(self.config.layers)]
+        saved, masks = [], []
+        with torch.no_grad():
+            for w in weights:
+                keep = torch.rand(w.shape, generator=generator, device="cpu") >= p
+                mask = keep.to(w.device, w.dtype) / (1.0 - p)
+                saved.append(w.detach().clone())
+                masks.append(mask)
+                w.mul_(mask)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for w, raw, mask in zip(weights, saved, masks):
+                    w.copy_(raw)
+                    if w.grad is not None:
+                        w.grad.mul_(mask)
+
+
+def detach_hidden(hidden: Hidden) -> Hidden:
+    if isinstance(hidden, tuple):
+        return tuple(h.detach() for h in hidden)
+    return hidden.detach()
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy in nats per character, computed in fp32 whatever the autocast."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction=reduction)

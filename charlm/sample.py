@@ -1,0 +1,112 @@
+"""Text generation: temperature, top-k and nucleus (top-p) sampling, streamed as it is made.
+
+The prime goes through the full recurrent layer in one call; every further
+character uses the model's single-step path. Random numbers come from one
+seeded CPU generator, drawn up front, so the same seed gives the same text on
+any device and batch layout, and the GPU never waits on the host per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .data import Vocab, describe_chars
+from .errors import CharlmError
+from .model import CharRNN
+
+
+@dataclass
+class SampleSettings:
+    length: int = 500
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    num_samples: int = 1
+
+    def validate(self) -> None:
+        if self.length < 0:
+            raise CharlmError(f"--length must be 0 or more, got {self.length}")
+        if self.temperature < 0:
+            raise CharlmError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise CharlmError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise CharlmError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.num_samples < 1:
+            raise CharlmError(f"--num-samples must be at least 1, got {self.num_samples}")
+
+
+def filter_probs(probs: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Zero out all but the top-k and/or the smallest set whose mass reaches top-p."""
+    if top_k is not None and top_k < probs.size(-1):
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before > top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs
+
+
+def choose(logits: torch.Tensor, uniform: torch.Tensor, settings: SampleSettings) -> torch.Tensor:
+    """Pick one id per row by inverse-CDF sampling with the given uniform draws."""
+    if settings.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+    probs = filter_probs(probs, settings.top_k, settings.top_p)
+    cdf = probs.cumsum(-1)
+    picks = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    return picks.clamp_(max=logits.size(-1) - 1)
+
+
+def prime_ids(vocab: Vocab, prime: str) -> list[int]:
+    missing = vocab.unknown(prime)
+    if missing:
+        raise CharlmError(f"the prime text has characters the model never saw: {describe_chars(missing)}; remove them")
+    return vocab.encode(prime).tolist()
+
+
+@torch.no_grad()
+def generate(model: CharRNN, vocab: Vocab, prime: str = "", settings: SampleSettings | None = None,
+             on_text: Callable[[int, str], None] | None = None, flush_every: int = 16) -> list[str]:
+    """Generate ``settings.num_samples`` continuations of ``prime`` (returned without the prime).
+
+    ``on_text(sample_index, text)`` receives the text as it is produced.
+    """
+    settings = settings or SampleSettings()
+    settings.validate()
+    device = next(model.parameters()).device
+    model.eval()
+    ids = prime_ids(vocab, prime)
+    if not ids:  # start from a line break, as a text would, without printing it
+        ids = [vocab.encode("\n")[0]] if "\n" in vocab else [0]
+    batch = settings.num_samples
+    generator = torch.Generator().manual_seed(settings.seed if settings.seed is not None else torch.seed())
+    uniforms = torch.rand(settings.length, batch, generator=generator).to(device)
+
+    context = torch.tensor([ids] * batch, device=device)
+    hidden = None
+    if len(ids) > 1:
+        _, hidden = model(context[:, :-1], hidden)
+    if hidden is None:
+        hidden = model.init_hidden(batch, device)
+    token = context[:, -1]
+    produced = torch.empty(batch, settings.length, dtype=torch.long, device=device)
+    texts = [""] * batch
+    for i in range(settings.length):
+        logits, hidden = model.step(token, hidden)
+        token = choose(logits, uniforms[i], settings)
+        produced[:, i] = token
+        if (i + 1) % flush_every == 0 or i + 1 == settings.length:
+            chunk = produced[:, i - i % flush_every: i + 1].tolist()
+            for b, row in enumerate(chunk):
+                piece = vocab.decode(row)
+                texts[b] += piece
+                if on_text is not None:
+                    on_text(b, piece)
+    return texts
