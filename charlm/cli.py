@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -85,6 +86,8 @@ def train(
     from .train import TrainingInterrupted, train as run_training
 
     given = {key.replace("__", "."): value for key, value in overrides.items() if value is not None}
+    if "data.dir" not in given and "CHARLM_DATA_DIR" in os.environ:
+        given["data.dir"] = os.environ["CHARLM_DATA_DIR"]
     if resume is not None:
         if not (resume / "last.pt").is_file():
             raise CharlmError(f"cannot resume: {resume} holds no last.pt; start a new run with --out {resume}")
@@ -96,7 +99,7 @@ def train(
     try:
         result = run_training(cfg, resume=resume is not None, reporter=ConsoleReporter(quiet))
     except TrainingInterrupted as stop:
-        console.print(f"[bold yellow]{stop}[/]: saved {stop.checkpoint}; continue with: charlm train --resume {stop.checkpoint.parent}")
+        console.print(f"[bold yellow]{stop}[/]: saved {stop.checkpoint}; continue with: charlm train --resume {stop.checkpoint.parent}", soft_wrap=True)
         raise typer.Exit(stop.exit_code)
     console.print(eval_table(
         f"final evaluation, full validation split (step {result.step:,}, {result.epochs:.2f} epochs, "
@@ -149,8 +152,6 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
 ) -> None:
     """Loss (nats/char), bits per char and perplexity of a checkpoint."""
-    import os
-
     from .console import eval_table
     from .device import resolve_device
     from .evaluate import evaluate_checkpoint
@@ -175,7 +176,7 @@ def evaluate_command(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every expected failure becomes one line on stderr and a non-zero exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except CharlmError as err:
         print(f"charlm: error: {err}", file=sys.stderr)
         return 1
@@ -196,4 +197,4 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    return 0
+    return code if isinstance(code, int) else 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -175,8 +174,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 apply_tree(config, tomllib.load(fh), str(path))
         except tomllib.TOMLDecodeError as err:
             raise CharlmError(f"config file {path} is not valid TOML: {err}") from None
-    if "CHARLM_DATA_DIR" in os.environ:
-        config.data.dir = os.environ["CHARLM_DATA_DIR"]
     for key, value in (overrides or {}).items():
         set_value(config, key, value, "the command line")
     validate(config)

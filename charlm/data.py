@@ -73,14 +73,17 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
     return dest
 
 
-def default_corpus(data_dir: str | Path, url: str = SHAKESPEARE_URL) -> Path:
-    """Tiny Shakespeare in the cache directory, downloaded and verified on first use."""
+def default_corpus(data_dir: str | Path) -> Path:
+    """Tiny Shakespeare in the cache directory, downloaded and verified on first use.
+
+    ``CHARLM_SHAKESPEARE_URL`` points the download at a mirror; the checksum still applies.
+    """
     dest = Path(data_dir) / SHAKESPEARE_FILE
     if dest.is_file():
         if sha256_of(dest) != SHAKESPEARE_SHA256:
             raise CharlmError(f"{dest} does not match the Tiny Shakespeare checksum; delete it to download again")
         return dest
-    return download(url, dest, SHAKESPEARE_SHA256)
+    return download(os.environ.get("CHARLM_SHAKESPEARE_URL", SHAKESPEARE_URL), dest, SHAKESPEARE_SHA256)
 
 
 def open_corpus(config: DataConfig) -> "Corpus":

@@ -48,7 +48,7 @@ def filter_probs(probs: torch.Tensor, top_k: int | None, top_p: float | None) ->
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before > top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return probs
 

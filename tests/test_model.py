@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from charlm.config import ModelConfig
+from charlm.model import CharRNN, sequence_loss
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_single_step_path_matches_the_full_layer(cell):
+    torch.manual_seed(0)
+    model = CharRNN(20, ModelConfig(cell=cell, layers=2, hidden_size=24, embedding_size=8)).eval()
+    ids = torch.randint(0, 20, (3, 12))
+    full, _ = model(ids)
+    hidden = model.init_hidden(3)
+    for t in range(12):
+        logits, hidden = model.step(ids[:, t], hidden)
+        torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-5)
+
+
+def test_tied_weights_share_the_embedding():
+    model = CharRNN(30, ModelConfig(hidden_size=32, embedding_size=16, tie_weights=True))
+    assert model.head.weight is model.embedding.weight
+    assert model.projection is not None
+    logits, _ = model(torch.randint(0, 30, (2, 5)))
+    assert logits.shape == (2, 5, 30)
+
+
+def test_weight_drop_masks_then_restores_and_masks_the_gradient():
+    torch.manual_seed(0)
+    model = CharRNN(10, ModelConfig(layers=1, hidden_size=16, embedding_size=8, weight_drop=0.5)).train()
+    raw = model.rnn.weight_hh_l0.detach().clone()
+    ids = torch.randint(0, 10, (2, 6))
+    with model.weight_drop():
+        dropped = model.rnn.weight_hh_l0.detach().clone()
+        logits, _ = model(ids)
+        sequence_loss(logits, ids).backward()
+    assert torch.equal(model.rnn.weight_hh_l0, raw)
+    zeroed = dropped == 0
+    assert 0.3 < zeroed.float().mean() < 0.7
+    assert torch.all(model.rnn.weight_hh_l0.grad[zeroed] == 0)
+    assert model.rnn.weight_hh_l0.grad[~zeroed].abs().sum() > 0
+    assert model.rnn.weight_hh_l0.data_ptr() == model.rnn._flat_weights[1].data_ptr()  # the same storage
+
+
+def test_weight_drop_is_off_in_eval_mode():
+    model = CharRNN(10, ModelConfig(layers=1, hidden_size=16, embedding_size=8, weight_drop=0.5)).eval()
+    before = model.rnn.weight_hh_l0.detach().clone()
+    with model.weight_drop():
+        assert torch.equal(model.rnn.weight_hh_l0, before)
