@@ -124,3 +124,11 @@ def load_model(path: str | Path | None, device: torch.device | str = "cpu") -> t
     model.to(device).eval()
     payload["path"] = str(resolved)
     return model, vocab, config, payload
+
+
+def export_for_inference(source: str | Path, dest: str | Path) -> Path:
+    """A small sampling-only checkpoint: fp16 weights, config and vocabulary; no optimizer or RNG state."""
+    payload = load_checkpoint(resolve(source))
+    slim = {key: payload[key] for key in ("config", "vocab", "step", "best_val_loss")}
+    slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
+    return save_checkpoint(slim, dest)

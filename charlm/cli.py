@@ -14,9 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
-from rich.markup import escape
+
+try:  # typer vendors click from 0.2x on; older releases use the click package
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
 
 from .checkpoint import load_checkpoint, load_model
 from .config import Config, all_keys, load_config
@@ -24,7 +27,7 @@ from .errors import CharlmError
 
 app = typer.Typer(
     help="Train character-level RNN/LSTM/GRU language models, sample from them and evaluate them.",
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -51,7 +54,7 @@ def with_config_options(func):
     for key, (kind, default, help_text) in all_keys().items():
         params.append(inspect.Parameter(
             key.replace(".", "__"), inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
-            default=typer.Option(None, *option_names(key, kind), help=escape(f"{help_text} [default: {default!r}]"), show_default=False,
+            default=typer.Option(None, *option_names(key, kind), help=f"{help_text} [default: {default!r}]", show_default=False,
                                  rich_help_panel="Config (each overrides the config file)"),
         ))
     func.__signature__ = signature.replace(parameters=params)
@@ -76,7 +79,7 @@ def resolve_config_file(name: str | None) -> Path | None:
 @app.command(no_args_is_help=False)
 @with_config_options
 def train(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=escape("TOML config file, or the name of one in configs/ (e.g. tiny) [default: configs/shakespeare.toml]"), show_default=False),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file, or the name of one in configs/ (e.g. tiny) [default: configs/shakespeare.toml]", show_default=False),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory from its last.pt (its saved config, plus any options given here)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     **overrides: Any,
@@ -173,6 +176,55 @@ def evaluate_command(
     Console().print(eval_table("charlm eval", report.result, extra))
 
 
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="run directory (uses best.pt) or checkpoint file"),
+    out: Path = typer.Option(..., "--out", "-o", help="file to write"),
+) -> None:
+    """Write a small inference-only checkpoint (fp16 weights, no optimizer state)."""
+    from .checkpoint import export_for_inference
+
+    path = export_for_inference(checkpoint, out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command()
+def bench(
+    cell: str = typer.Option("lstm", "--cell", help="rnn|lstm|gru"),
+    layers: int = typer.Option(2, "--layers", help="recurrent layers"),
+    hidden_size: int = typer.Option(512, "--hidden-size", help="units per layer"),
+    embedding_size: int = typer.Option(128, "--embedding-size", help="embedding width"),
+    batch_size: int = typer.Option(64, "--batch-size", help="training batch (streams)"),
+    seq_len: int = typer.Option(128, "--seq-len", help="training sequence length"),
+    precision: str = typer.Option("auto", "--precision", help="auto|fp32|bf16"),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
+    corpus_mb: int = typer.Option(100, "--corpus-mb", help="size of the generated corpus for the encoding test"),
+    fast: bool = typer.Option(False, "--fast", help="tiny sizes and short timings: checks that everything runs"),
+    as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+) -> None:
+    """Measure matmul peak, training/eval/sampling throughput, corpus encoding speed and peak memory."""
+    from .bench import BenchSettings, run_bench, to_json
+    from .config import ModelConfig, set_value
+
+    model = ModelConfig(cell=cell, layers=layers, hidden_size=hidden_size, embedding_size=embedding_size)
+    checked = Config(model=model)
+    set_value(checked, "model.cell", cell, "--cell")
+    set_value(checked, "train.precision", precision, "--precision")
+    for name, value in {"--layers": layers, "--hidden-size": hidden_size, "--embedding-size": embedding_size,
+                        "--batch-size": batch_size, "--seq-len": seq_len, "--corpus-mb": corpus_mb}.items():
+        if value < 1:
+            raise CharlmError(f"{name} must be at least 1, got {value}")
+    settings = BenchSettings(model=model, batch_size=batch_size, seq_len=seq_len, precision=precision,
+                             device=device, fast=fast, corpus_mb=corpus_mb)
+    if as_json:
+        print(to_json(run_bench(settings)))
+        return
+    from .console import bench_line, console
+    results = run_bench(settings, on_result=lambda name, value: console.print(bench_line(name, value)))
+    console.print(f"peak memory: {results['peak_memory_mb']:,.0f} MB ({results['device']}, {results['precision']}, "
+                  f"{results['threads']} threads, torch {results['torch']})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every expected failure becomes one line on stderr and a non-zero exit code."""
     try:
@@ -180,16 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     except CharlmError as err:
         print(f"charlm: error: {err}", file=sys.stderr)
         return 1
-    except click.exceptions.NoArgsIsHelpError as err:
+    except click_errors.NoArgsIsHelpError as err:
         print(err.ctx.get_help() if err.ctx else str(err))
         return 0
-    except click.UsageError as err:
+    except click_errors.UsageError as err:
         hint = f"; see 'charlm {err.ctx.info_name} --help'" if err.ctx and err.ctx.parent else "; see 'charlm --help'"
         print(f"charlm: error: {err.format_message()}{hint}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as err:
+    except typer.Exit as err:
         return err.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("charlm: interrupted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

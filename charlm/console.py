@@ -70,3 +70,21 @@ class ConsoleReporter(Reporter):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def bench_line(name: str, value: dict[str, Any]) -> str:
+    """One readable line per benchmark result."""
+    if name == "matmul_gflops":
+        return "matmul peak: " + ", ".join(f"{k} {v:,.1f} GFLOP/s" for k, v in value.items())
+    if name == "train":
+        return (f"train: {value['chars_per_s']:,.0f} chars/s, {value['gflops']:,.1f} GFLOP/s "
+                f"({value['flops_per_char'] / 1e6:.1f} MFLOP/char), {value['fraction_of_peak']:.0%} of peak")
+    if name == "eval":
+        return f"eval: {value['chars_per_s']:,.0f} chars/s ({value['x_training']:.1f}x training)"
+    if name == "sample":
+        return (f"sample: one stream {value['one_stream_chars_per_s']:,.0f} chars/s, "
+                f"256 streams {value['batch_256_chars_per_s']:,.0f} chars/s")
+    if name == "encode":
+        return (f"encode: {value['corpus_mb']:.0f} MB in {value['encode_seconds']:.2f}s ({value['encode_mb_per_s']:,.0f} MB/s), "
+                f"peak memory {value['peak_memory_x_file']:.2f}x the file, cached reload {value['cached_load_seconds']:.3f}s")
+    return f"{name}: {value}"

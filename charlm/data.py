@@ -29,7 +29,7 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
 MAX_CODE_POINT = 0x110000
-CHUNK_BYTES = 1 << 24
+CHUNK_BYTES = 1 << 22
 CACHE_VERSION = 1
 
 

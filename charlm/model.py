@@ -60,29 +60,27 @@ class CharRNN(nn.Module):
         zeros = torch.zeros(shape, device=device)
         return (zeros, zeros.clone()) if self.config.cell == "lstm" else zeros
 
-    @torch.no_grad()
-    def step(self, ids: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
-        """One character for each of B streams: ids (B,) -> logits (B, V), new hidden.
+    def layer_weights(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer: (weight_ih, weight_hh, bias_ih, bias_hh) of the recurrent module."""
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        return [tuple(getattr(self.rnn, f"{name}_l{layer}") for name in names) for layer in range(self.config.layers)]
 
-        Uses the single-step cell kernels on the recurrent layer's own weights:
-        calling the full ``nn.LSTM`` per character costs far more in overhead.
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, state: list, weights: list | None = None) -> tuple[torch.Tensor, list]:
+        """One character for each of B streams: ids (B,) -> logits (B, V) and the new per-layer state.
+
+        Uses the fused single-step cell kernels on the recurrent layer's own
+        weights: calling the full ``nn.LSTM`` per character costs far more in
+        overhead. ``state`` is a list with one entry per layer (see ``per_layer``).
         """
         cell = CELL_STEP[self.config.cell]
         x = self.embedding(ids)
-        lstm = self.config.cell == "lstm"
-        h_all, c_all = hidden if lstm else (hidden, None)
-        new_h, new_c = [], []
-        for layer in range(self.config.layers):
-            weights = [getattr(self.rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            if lstm:
-                h, c = cell(x, (h_all[layer], c_all[layer]), *weights)
-                new_c.append(c)
-            else:
-                h = cell(x, h_all[layer], *weights)
-            new_h.append(h)
-            x = h
-        h_all = torch.stack(new_h)
-        return self.readout(x), ((h_all, torch.stack(new_c)) if lstm else h_all)
+        new_state = []
+        for layer_state, layer_weights in zip(state, weights or self.layer_weights()):
+            layer_state = cell(x, layer_state, *layer_weights)
+            new_state.append(layer_state)
+            x = layer_state[0] if isinstance(layer_state, tuple) else layer_state
+        return self.readout(x), new_state
 
     @contextmanager
     def weight_drop(self, generator: torch.Generator | None = None):
@@ -114,6 +112,13 @@ class CharRNN(nn.Module):
                     w.copy_(raw)
                     if w.grad is not None:
                         w.grad.mul_(mask)
+
+
+def per_layer(hidden: Hidden) -> list:
+    """(layers, B, H) hidden state -> one entry per layer, as ``CharRNN.step`` takes it."""
+    if isinstance(hidden, tuple):
+        return list(zip(*(h.unbind(0) for h in hidden)))
+    return list(hidden.unbind(0))
 
 
 def detach_hidden(hidden: Hidden) -> Hidden:

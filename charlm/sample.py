@@ -15,7 +15,7 @@ import torch
 
 from .data import Vocab, describe_chars
 from .errors import CharlmError
-from .model import CharRNN
+from .model import CharRNN, per_layer
 
 
 @dataclass
@@ -95,11 +95,12 @@ def generate(model: CharRNN, vocab: Vocab, prime: str = "", settings: SampleSett
         _, hidden = model(context[:, :-1], hidden)
     if hidden is None:
         hidden = model.init_hidden(batch, device)
+    state, weights = per_layer(hidden), model.layer_weights()
     token = context[:, -1]
     produced = torch.empty(batch, settings.length, dtype=torch.long, device=device)
     texts = [""] * batch
     for i in range(settings.length):
-        logits, hidden = model.step(token, hidden)
+        logits, state = model.step(token, state, weights)
         token = choose(logits, uniforms[i], settings)
         produced[:, i] = token
         if (i + 1) % flush_every == 0 or i + 1 == settings.length:

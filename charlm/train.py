@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, parse_duration, to_toml
+from .config import Config, TrainConfig, parse_duration, to_toml
 from .data import StreamBatcher, open_corpus
 from .device import autocast, resolve_device, resolve_precision
 from .errors import CharlmError
@@ -87,6 +87,43 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         raise CharlmError(f"cannot write to the run directory {run_dir} ({err.strerror or err}); choose another --out") from None
 
 
+def build_optimizer(model: CharRNN, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(config.beta1, config.beta2), fused=next(model.parameters()).is_cuda,
+    )
+
+
+def optimizer_step(model: CharRNN, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
+                   hidden, precision: str, grad_clip: float) -> tuple[float | None, Any]:
+    """Forward, loss, backward, clipping and update for one batch; returns (loss, detached hidden).
+
+    A non-finite loss or gradient skips the update and returns (None, None): the
+    hidden state that produced it is dropped too.
+    """
+    device = inputs.device
+    with model.weight_drop():
+        with autocast(device, precision):
+            logits, hidden = model(inputs, hidden)
+            loss = sequence_loss(logits, targets)
+        loss_value = float(loss.detach())
+        finite = math.isfinite(loss_value)
+        if finite:
+            loss.backward()
+    if finite:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        finite = math.isfinite(float(norm))
+    if not finite:
+        optimizer.zero_grad(set_to_none=True)
+        return None, None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, detach_hidden(hidden)
+
+
 class Trainer:
     def __init__(self, config: Config, resume: bool = False, reporter: Reporter | None = None):
         self.config, self.reporter = config, reporter or Reporter()
@@ -122,12 +159,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = CharRNN(len(self.vocab), config.model).to(self.device)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda",
-        )
+        self.optimizer = build_optimizer(self.model, t)
         self.data_generator = torch.Generator().manual_seed(t.seed)
         self.batcher = StreamBatcher(train_data.to(self.device), t.batch_size, t.seq_len, t.random_seq_len, self.data_generator)
         self.step, self.elapsed, self.best_val_loss = 0, 0.0, math.inf
@@ -226,34 +258,18 @@ class Trainer:
 
     def train_step(self) -> tuple[float | None, int]:
         """One optimizer step: (loss, characters), the loss None when not finite and the step skipped."""
-        t = self.config.train
         inputs, targets, new_epoch = self.batcher.next()
         if new_epoch:
             self.hidden = None
-        inputs, targets = inputs.long(), targets.long()
         lr = learning_rate(self.config, self.step, self.progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with self.model.weight_drop():
-            with autocast(self.device, self.precision):
-                logits, hidden = self.model(inputs, self.hidden)
-                loss = sequence_loss(logits, targets)
-            loss_value = float(loss.detach())
-            finite = math.isfinite(loss_value)
-            if finite:
-                loss.backward()
-        if finite:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-            finite = math.isfinite(float(norm))
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.hidden = None
+        loss, self.hidden = optimizer_step(self.model, self.optimizer, inputs.long(), targets.long(), self.hidden,
+                                           self.precision, self.config.train.grad_clip)
+        if loss is None:
             return None, 0
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.hidden = detach_hidden(hidden)
         self.step += 1
-        return loss_value, targets.numel()
+        return loss, targets.numel()
 
     def periodic_eval(self) -> bool:
         result = evaluate(self.model, self.val_data, self.device, self.precision, max_batches=self.config.train.eval_batches)

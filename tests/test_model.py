@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from charlm.config import ModelConfig
-from charlm.model import CharRNN, sequence_loss
+from charlm.model import CharRNN, per_layer, sequence_loss
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
@@ -11,9 +11,9 @@ def test_single_step_path_matches_the_full_layer(cell):
     model = CharRNN(20, ModelConfig(cell=cell, layers=2, hidden_size=24, embedding_size=8)).eval()
     ids = torch.randint(0, 20, (3, 12))
     full, _ = model(ids)
-    hidden = model.init_hidden(3)
+    state = per_layer(model.init_hidden(3))
     for t in range(12):
-        logits, hidden = model.step(ids[:, t], hidden)
+        logits, state = model.step(ids[:, t], state)
         torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-5)
 
 

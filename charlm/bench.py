@@ -1,0 +1,211 @@
+"""``charlm bench``: how fast this machine runs charlm, and how close to its limits.
+
+FLOP counts come from the model shape. A recurrent layer with G gate blocks
+(RNN 1, GRU 3, LSTM 4), input width I and hidden width H does G*H*(I+H)
+multiply-adds per character, i.e. 2*G*H*(I+H) FLOPs; the read-out adds
+2*H*V (or 2*H*E + 2*E*V through the tying projection). A training step costs
+three times the forward pass (forward, gradient with respect to the inputs,
+gradient with respect to the weights). Element-wise work is not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import ModelConfig, TrainConfig
+from .device import cpu_has_fast_bf16, resolve_device, resolve_precision
+from .evaluate import evaluate
+from .model import CharRNN
+from .sample import SampleSettings, generate
+from .train import build_optimizer, optimizer_step
+
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+VOCAB_SIZE = 65  # Tiny Shakespeare's
+
+
+@dataclass
+class BenchSettings:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(hidden_size=512, embedding_size=128, dropout=0.0))
+    batch_size: int = 64
+    seq_len: int = 128
+    precision: str = "auto"
+    device: str = "auto"
+    fast: bool = False
+    corpus_mb: int = 100
+
+
+def forward_flops_per_char(config: ModelConfig, vocab_size: int) -> int:
+    gates, hidden = GATES[config.cell], config.hidden_size
+    flops, width = 0, config.embedding_size
+    for _ in range(config.layers):
+        flops += 2 * gates * hidden * (width + hidden)
+        width = hidden
+    if config.tie_weights and hidden != config.embedding_size:
+        return flops + 2 * hidden * config.embedding_size + 2 * config.embedding_size * vocab_size
+    return flops + 2 * (config.embedding_size if config.tie_weights else hidden) * vocab_size
+
+
+def timed(fn: Callable[[], Any], device: torch.device, min_seconds: float, min_repeats: int = 2) -> float:
+    """Seconds per call after one warm-up call, repeated until ``min_seconds`` have passed."""
+    fn()
+    sync(device)
+    repeats, start = 0, time.perf_counter()
+    while repeats < min_repeats or time.perf_counter() - start < min_seconds:
+        fn()
+        repeats += 1
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peaks(device: torch.device, size: int, min_seconds: float) -> dict[str, float]:
+    """Best matrix-multiply GFLOP/s per precision (and per CPU path for fp32)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    flops = 2 * size ** 3
+    peaks = {"fp32": flops / timed(lambda: a @ b, device, min_seconds) / 1e9}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        a_dnn, b_dnn = a.to_mkldnn(), b.to_mkldnn()
+        peaks["fp32 (oneDNN linear)"] = flops / timed(lambda: torch._C._nn.mkldnn_linear(a_dnn, b_dnn), device, min_seconds) / 1e9
+    if device.type == "cuda" or cpu_has_fast_bf16():
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        peaks["bf16"] = flops / timed(lambda: a16 @ b16, device, min_seconds) / 1e9
+    else:  # emulated bf16: measured small, so the table shows why auto avoids it
+        small = 256
+        a16, b16 = torch.randn(small, small).bfloat16(), torch.randn(small, small).bfloat16()
+        peaks["bf16 (emulated)"] = 2 * small ** 3 / timed(lambda: a16 @ b16, device, 0.0, 1) / 1e9
+    return peaks
+
+
+def training_throughput(settings: BenchSettings, device: torch.device, precision: str, min_seconds: float) -> float:
+    torch.manual_seed(0)
+    model = CharRNN(VOCAB_SIZE, settings.model).to(device).train()
+    optimizer = build_optimizer(model, TrainConfig())
+    inputs = torch.randint(0, VOCAB_SIZE, (settings.batch_size, settings.seq_len), device=device)
+    targets = torch.randint(0, VOCAB_SIZE, (settings.batch_size, settings.seq_len), device=device)
+    state = {"hidden": None}
+
+    def step():
+        _, state["hidden"] = optimizer_step(model, optimizer, inputs, targets, state["hidden"], precision, 1.0)
+
+    return settings.batch_size * settings.seq_len / timed(step, device, min_seconds)
+
+
+def evaluation_throughput(settings: BenchSettings, device: torch.device, precision: str, min_seconds: float) -> float:
+    model = CharRNN(VOCAB_SIZE, settings.model).to(device)
+    data = torch.randint(0, VOCAB_SIZE, (64 * 256 * (2 if settings.fast else 8) + 1,), device=device)
+    seconds = timed(lambda: evaluate(model, data, device, precision), device, min_seconds)
+    return (len(data) - 1) / seconds
+
+
+def sampling_throughput(settings: BenchSettings, device: torch.device, streams: int, length: int) -> float:
+    from .data import Vocab
+    torch.manual_seed(0)
+    model = CharRNN(VOCAB_SIZE, settings.model).to(device).eval()
+    vocab = Vocab("".join(chr(32 + i) for i in range(VOCAB_SIZE)))
+    sample = SampleSettings(length=length, seed=0, num_samples=streams)
+    seconds = timed(lambda: generate(model, vocab, "", sample), device, 0.0, 1)
+    return streams * length / seconds
+
+
+def synthetic_corpus(path: Path, megabytes: int) -> None:
+    """Mixed text (ASCII words, accents, CJK, emoji) so every UTF-8 length occurs."""
+    rng = random.Random(0)
+    words = ["the", "and", "king", "thou", "naïve", "café", "明月", "故乡", "🌙", "✨", "zebra", "ROMEO:", "\n"]
+    block = " ".join(rng.choice(words) for _ in range(200_000)).encode("utf-8")[: 1 << 20]
+    block = block.decode("utf-8", errors="ignore").encode("utf-8")
+    with path.open("wb") as fh:
+        for _ in range(megabytes):
+            fh.write(block)
+
+
+ENCODE_CHILD = """
+import sys, time
+from pathlib import Path
+def rss(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
+from charlm.data import load_corpus
+base = rss('VmRSS:')
+start = time.perf_counter()
+corpus = load_corpus(Path(sys.argv[1]), Path(sys.argv[2]))
+first = time.perf_counter() - start
+peak = rss('VmHWM:') - base
+start = time.perf_counter()
+load_corpus(Path(sys.argv[1]), Path(sys.argv[2]))
+print(first, time.perf_counter() - start, peak, len(corpus))
+"""
+
+
+def encoding_benchmark(megabytes: int) -> dict[str, float]:
+    """Encode a generated corpus in a fresh process: speed, peak memory over its baseline, cached reload."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "corpus.txt"
+        synthetic_corpus(path, megabytes)
+        size = path.stat().st_size
+        out = subprocess.run([sys.executable, "-c", ENCODE_CHILD, str(path), tmp], capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+        first, cached, peak, chars = out.stdout.split()
+    return {"corpus_mb": size / 1e6, "encode_seconds": float(first), "encode_mb_per_s": size / 1e6 / float(first),
+            "cached_load_seconds": float(cached), "peak_memory_mb": int(peak) / 1e6,
+            "peak_memory_x_file": int(peak) / size, "chars": int(chars)}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e6
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+def run_bench(settings: BenchSettings, on_result: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+    """Every measurement in one run; ``on_result(name, value)`` hears each as it is made."""
+    report = on_result or (lambda name, value: None)
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    min_seconds = 0.2 if settings.fast else 3.0
+    results: dict[str, Any] = {
+        "device": str(device), "precision": precision, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "model": f"{settings.model.layers}x{settings.model.hidden_size} {settings.model.cell}",
+        "batch_size": settings.batch_size, "seq_len": settings.seq_len,
+    }
+    peaks = matmul_peaks(device, 256 if settings.fast else 2048, min_seconds)
+    results["matmul_gflops"] = peaks
+    report("matmul_gflops", peaks)
+    flops = 3 * forward_flops_per_char(settings.model, VOCAB_SIZE)
+    train_cps = training_throughput(settings, device, precision, min_seconds)
+    peak = max(v for k, v in peaks.items() if k.startswith(precision) and "emulated" not in k)
+    results["train"] = {"chars_per_s": train_cps, "flops_per_char": flops, "gflops": train_cps * flops / 1e9,
+                        "fraction_of_peak": train_cps * flops / 1e9 / peak}
+    report("train", results["train"])
+    eval_cps = evaluation_throughput(settings, device, precision, min_seconds)
+    results["eval"] = {"chars_per_s": eval_cps, "x_training": eval_cps / train_cps}
+    report("eval", results["eval"])
+    length = 200 if settings.fast else 2000
+    results["sample"] = {"one_stream_chars_per_s": sampling_throughput(settings, device, 1, length),
+                         "batch_256_chars_per_s": sampling_throughput(settings, device, 256, length // 4)}
+    report("sample", results["sample"])
+    results["encode"] = encoding_benchmark(2 if settings.fast else settings.corpus_mb)
+    report("encode", results["encode"])
+    results["peak_memory_mb"] = peak_memory_mb(device)
+    return results
+
+
+def to_json(results: dict[str, Any]) -> str:
+    return json.dumps(results, indent=2)

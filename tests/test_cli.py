@@ -1,0 +1,202 @@
+"""The three commands as a user runs them, and every kind of bad input they must refuse in one line."""
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from charlm import checkpoint as checkpoint_module
+from tests.conftest import TINY
+
+
+def one_line_error(code, err, *fragments):
+    assert code not in (0, None)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("charlm: error:"), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def trained(cli, ascii_corpus, tmp_path) -> Path:
+    code, _, err = cli("train", "--data", ascii_corpus, *TINY, "--max-steps", 20, "--out", tmp_path / "run")
+    assert code == 0, err
+    return tmp_path / "run"
+
+
+def test_help_explains_every_option(cli):
+    for command in ([], ["train"], ["sample"], ["eval"]):
+        code, out, _ = cli(*command, "--help")
+        assert code == 0
+        assert "Usage" in out
+    _, out, _ = cli("train", "--help")
+    for option in ("--model.cell", "--data", "--max-time", "--resume", "--train.random-seq-len", "--model.weight-drop"):
+        assert option in out
+    assert "default" in out
+
+
+def test_train_sample_eval_on_ascii(cli, trained, capsys):
+    for name in ("last.pt", "best.pt", "config.toml", "metrics.jsonl"):
+        assert (trained / name).is_file()
+    code, out, _ = cli("sample", trained, "--length", 100, "--seed", 3, "--prime", "The ")
+    assert code == 0 and out.startswith("The ") and len(out.rstrip("\n")) >= 100
+    code2, out2, _ = cli("sample", trained, "--length", 100, "--seed", 3, "--prime", "The ")
+    assert out2 == out
+    code, out, _ = cli("eval", trained, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["chars"] > 0 and report["bits_per_char"] == pytest.approx(report["loss"] / 0.6931471805599453)
+    code, out, _ = cli("eval", trained)
+    assert code == 0 and "bits/char" in out and "perplexity" in out
+
+
+def test_unicode_corpus_trains_and_samples(cli, unicode_corpus, tmp_path):
+    code, _, err = cli("train", "--data", unicode_corpus, *TINY, "--max-steps", 30, "--out", tmp_path / "u",
+                       "--model.cell", "gru")
+    assert code == 0, err
+    code, out, _ = cli("sample", tmp_path / "u", "--prime", "床前", "--length", 200, "--seed", 1, "--num-samples", 2)
+    assert code == 0
+    generated = out.replace("--- sample 1 ---", "").replace("--- sample 2 ---", "")
+    assert set(generated) - {"\n"} <= set(unicode_corpus.read_text(encoding="utf-8"))
+    assert any(ord(c) > 0x4E00 for c in generated)
+    code, out, _ = cli("eval", tmp_path / "u", "--data", unicode_corpus, "--json")
+    assert code == 0 and json.loads(out)["chars"] > 1000
+
+
+def test_every_cell_and_tied_weights(cli, ascii_corpus, tmp_path):
+    for cell in ("rnn", "lstm", "gru"):
+        code, _, err = cli("train", "--data", ascii_corpus, *TINY, "--max-steps", 5, "--out", tmp_path / cell,
+                           "--model.cell", cell, "--model.tie-weights", "--model.dropout", "0.2")
+        assert code == 0, err
+
+
+def test_resume_through_the_cli(cli, trained):
+    code, _, err = cli("train", "--resume", trained, "--max-steps", 30, "--quiet")
+    assert code == 0, err
+    assert torch.load(trained / "last.pt", weights_only=True)["step"] == 30
+
+
+def test_eval_unknown_characters(cli, trained, tmp_path):
+    text = tmp_path / "other.txt"
+    text.write_text("The quick brown fox ✓ ünder € the lazy dog " * 5, encoding="utf-8")
+    one_line_error(*cli("eval", trained, "--data", text)[::2], "'✓', 'ü', '€'", "--skip-unknown")
+    code, out, _ = cli("eval", trained, "--data", text, "--skip-unknown", "--json")
+    assert code == 0 and json.loads(out)["skipped_chars"] == 15
+
+
+# ------------------------------------------------------------------ bad input, one line each
+
+def test_bad_corpus_files(cli, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 10)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("déjà vu ".encode("latin-1") * 500)
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    one_line_error(*cli("train", "--data", tmp_path / "missing.txt", *TINY)[::2], "not found")
+    one_line_error(*cli("train", "--data", tmp_path, *TINY)[::2], "is a directory")
+    one_line_error(*cli("train", "--data", empty, *TINY)[::2], "is empty")
+    one_line_error(*cli("train", "--data", binary, *TINY)[::2], "binary")
+    one_line_error(*cli("train", "--data", latin, *TINY)[::2], "not valid UTF-8", "--data.encoding-errors replace")
+    one_line_error(*cli("train", "--data", short, *TINY)[::2], "fewer than batch_size x (seq_len + 1)")
+    code, _, err = cli("train", "--data", latin, *TINY, "--max-steps", 2, "--data.encoding-errors", "replace", "--out", tmp_path / "r")
+    assert code == 0, err
+
+
+def test_validation_split_too_small(cli, ascii_corpus):
+    one_line_error(*cli("train", "--data", ascii_corpus, *TINY, "--data.val-fraction", "0.0001")[::2], "validation split")
+
+
+def test_bad_sampling_options(cli, trained):
+    one_line_error(*cli("sample", trained, "--prime", "xyz€")[::2], "'€'")
+    one_line_error(*cli("sample", trained, "--temperature", "-1")[::2], "temperature")
+    one_line_error(*cli("sample", trained, "--top-k", "0")[::2], "top-k")
+    one_line_error(*cli("sample", trained, "--top-p", "0")[::2], "top-p")
+    one_line_error(*cli("sample", trained, "--top-p", "1.5")[::2], "top-p")
+    one_line_error(*cli("sample", trained, "--length", "-3")[::2], "length")
+
+
+def test_bad_config_input(cli, ascii_corpus, tmp_path):
+    one_line_error(*cli("train", "--data", ascii_corpus, "--model.hiden-size", "3")[::2], "--model.hidden-size")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nlayerz = 2\n")
+    one_line_error(*cli("train", "-c", bad)[::2], "'model.layers'")
+    typed = tmp_path / "typed.toml"
+    typed.write_text('[train]\nbatch_size = "many"\n')
+    one_line_error(*cli("train", "-c", typed)[::2], "train.batch_size", "int")
+    one_line_error(*cli("train", "--model.layers", "two")[::2], "--model.layers", "integer")
+    one_line_error(*cli("train", "-c", tmp_path / "nope.toml")[::2], "not found")
+
+
+def test_unwritable_output_and_bad_resume(cli, ascii_corpus, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("I am a file")
+    one_line_error(*cli("train", "--data", ascii_corpus, *TINY, "--out", blocker / "run")[::2], "cannot write to the run directory")
+    (tmp_path / "emptyrun").mkdir()
+    one_line_error(*cli("train", "--resume", tmp_path / "emptyrun")[::2], "no last.pt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_unavailable_device(cli, ascii_corpus, trained):
+    one_line_error(*cli("train", "--data", ascii_corpus, *TINY, "--device", "cuda")[::2], "not available", "--device cpu")
+    one_line_error(*cli("sample", trained, "--device", "cuda")[::2], "not available")
+
+
+def test_disk_full_during_save_keeps_the_earlier_checkpoint(cli, trained, monkeypatch):
+    before = (trained / "last.pt").read_bytes()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", full_disk)
+    code, _, err = cli("train", "--resume", trained, "--max-steps", 40, "--quiet")
+    last_line = err.strip().splitlines()[-1]  # after the run summary, which was printed before the save
+    one_line_error(code, last_line, "No space left on device", "previous checkpoint is unchanged", "last.pt")
+    assert (trained / "last.pt").read_bytes() == before
+    assert not [p for p in trained.iterdir() if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------ checkpoint safety
+
+class Payload:
+    """Pickles into a call of os.system: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_code_in_a_checkpoint_never_runs(cli, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "charlm-checkpoint", "version": 1, "model": Payload(marker)}, evil)
+    for command in ("sample", "eval"):
+        one_line_error(*cli(command, evil)[::2], "refused", str(evil))
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(Payload(marker)))
+    one_line_error(*cli("sample", raw)[::2], str(raw))
+    assert not marker.exists()
+
+
+def test_truncated_corrupt_and_foreign_files(cli, trained, tmp_path):
+    data = (trained / "best.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(2000))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, foreign)
+    future = tmp_path / "future.pt"
+    torch.save({"format": "charlm-checkpoint", "version": 99}, future)
+    one_line_error(*cli("sample", truncated)[::2], str(truncated))
+    one_line_error(*cli("eval", garbage)[::2], str(garbage))
+    one_line_error(*cli("sample", foreign)[::2], "not a charlm checkpoint")
+    one_line_error(*cli("sample", future)[::2], "version 99")
+    one_line_error(*cli("sample", tmp_path / "missing.pt")[::2], "not found")
