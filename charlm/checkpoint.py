@@ -42,6 +42,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """Write ``payload`` to ``path`` atomically; on failure the old file is untouched."""
     path = Path(path)
@@ -49,6 +55,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would surprise whoever shares the run
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()

@@ -57,7 +57,7 @@ class CharRNN(nn.Module):
 
     def init_hidden(self, batch_size: int, device: torch.device | str = "cpu") -> Hidden:
         shape = (self.config.layers, batch_size, self.config.hidden_size)
-        zeros = torch.zeros(shape, device=device)
+        zeros = torch.zeros(shape, device=device, dtype=self.embedding.weight.dtype)
         return (zeros, zeros.clone()) if self.config.cell == "lstm" else zeros
 
     def layer_weights(self) -> list[tuple[torch.Tensor, ...]]:

@@ -1,0 +1,25 @@
+"""The model that ships inside the package: sampling works right after install, with no network."""
+
+import json
+
+from charlm.checkpoint import PRETRAINED_PATH
+
+# The validation loss measured for the shipped model (docs/RESULTS.md), plus fp16 rounding slack.
+SHIPPED_VAL_LOSS = 1.455
+
+
+def test_pretrained_is_small_and_samples_without_arguments(cli):
+    assert PRETRAINED_PATH.stat().st_size < 10_000_000
+    code, out, err = cli("sample", "--length", "300", "--seed", "5", "--prime", "KING HENRY:")
+    assert code == 0, err
+    assert out.startswith("KING HENRY:") and len(out) > 300
+    words = out.split()
+    assert sum(w.strip(",.;:!?").lower() in {"the", "and", "i", "to", "of", "my", "you", "a"} for w in words) >= 5
+
+
+def test_pretrained_validation_loss(cli, shakespeare):
+    code, out, err = cli("eval", "pretrained", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["chars"] > 100_000
+    assert report["loss"] <= SHIPPED_VAL_LOSS
