@@ -1,12 +1,20 @@
-"""charlm: character-level recurrent language models, from the command line or from Python."""
+"""charlm: character-level recurrent language models, from the command line or from Python.
 
-from .checkpoint import load_model
-from .config import Config, load_config
-from .errors import CharlmError
-from .evaluate import evaluate
-from .model import CharRNN
-from .sample import SampleSettings, generate
-from .train import train
+The public names are imported on first use, so ``charlm --help`` does not wait for PyTorch.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["CharRNN", "CharlmError", "Config", "SampleSettings", "evaluate", "generate", "load_config", "load_model", "train"]
+
+_EXPORTS = {
+    "CharRNN": "model", "CharlmError": "errors", "Config": "config", "SampleSettings": "sample",
+    "evaluate": "evaluate", "generate": "sample", "load_config": "config", "load_model": "checkpoint", "train": "train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'charlm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -21,8 +21,7 @@ try:  # typer vendors click from 0.2x on; older releases use the click package
 except ImportError:
     from click import exceptions as click_errors
 
-from .checkpoint import load_checkpoint, load_model
-from .config import Config, all_keys, load_config
+from .config import Config, all_keys, load_config, set_value
 from .errors import CharlmError
 
 app = typer.Typer(
@@ -85,6 +84,7 @@ def train(
     **overrides: Any,
 ) -> None:
     """Train a model on a text corpus (Tiny Shakespeare by default), with checkpoints in a run directory."""
+    from .checkpoint import load_checkpoint
     from .console import ConsoleReporter, console, eval_table
     from .train import TrainingInterrupted, train as run_training
 
@@ -128,6 +128,7 @@ def sample(
     device: str = typer.Option("cpu", "--device", help="auto|cpu|cuda|mps"),
 ) -> None:
     """Generate text from a checkpoint, printed as it is produced."""
+    from .checkpoint import load_model
     from .device import resolve_device
     from .sample import SampleSettings, generate
 
@@ -155,6 +156,7 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
 ) -> None:
     """Loss (nats/char), bits per char and perplexity of a checkpoint."""
+    from .checkpoint import load_model
     from .console import eval_table
     from .device import resolve_device
     from .evaluate import evaluate_checkpoint
@@ -203,18 +205,16 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ) -> None:
     """Measure matmul peak, training/eval/sampling throughput, corpus encoding speed and peak memory."""
-    from .bench import BenchSettings, run_bench, to_json
-    from .config import ModelConfig, set_value
+    from .bench import BenchSettings, plain_model, run_bench, to_json
 
-    model = ModelConfig(cell=cell, layers=layers, hidden_size=hidden_size, embedding_size=embedding_size)
-    checked = Config(model=model)
+    checked = Config()
     set_value(checked, "model.cell", cell, "--cell")
     set_value(checked, "train.precision", precision, "--precision")
     for name, value in {"--layers": layers, "--hidden-size": hidden_size, "--embedding-size": embedding_size,
                         "--batch-size": batch_size, "--seq-len": seq_len, "--corpus-mb": corpus_mb}.items():
         if value < 1:
             raise CharlmError(f"{name} must be at least 1, got {value}")
-    settings = BenchSettings(model=model, batch_size=batch_size, seq_len=seq_len, precision=precision,
+    settings = BenchSettings(model=plain_model(cell, layers, hidden_size, embedding_size), batch_size=batch_size, seq_len=seq_len, precision=precision,
                              device=device, fast=fast, corpus_mb=corpus_mb)
     if as_json:
         print(to_json(run_bench(settings)))

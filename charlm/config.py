@@ -31,12 +31,12 @@ class ModelConfig:
     cell: str = field(default="lstm", metadata={"help": "recurrent cell: rnn|lstm|gru"})
     layers: int = field(default=2, metadata={"help": "number of stacked recurrent layers"})
     hidden_size: int = field(default=384, metadata={"help": "units per recurrent layer"})
-    embedding_size: int = field(default=64, metadata={"help": "character embedding size (set equal to hidden_size to tie weights without a projection)"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout between recurrent layers"})
+    embedding_size: int = field(default=384, metadata={"help": "character embedding size (set equal to hidden_size to tie weights without a projection)"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout between recurrent layers"})
     embedding_dropout: float = field(default=0.0, metadata={"help": "dropout on the character embeddings"})
-    output_dropout: float = field(default=0.0, metadata={"help": "dropout on the last layer's output, before the softmax"})
+    output_dropout: float = field(default=0.1, metadata={"help": "dropout on the last layer's output, before the softmax"})
     weight_drop: float = field(default=0.0, metadata={"help": "DropConnect on hidden-to-hidden weights (keeps fused kernels)"})
-    tie_weights: bool = field(default=False, metadata={"help": "share the embedding matrix with the output layer"})
+    tie_weights: bool = field(default=True, metadata={"help": "share the embedding matrix with the output layer"})
 
 
 @dataclass
@@ -54,7 +54,7 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 disables)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: no limit)"})
     max_epochs: float = field(default=0.0, metadata={"help": "stop after this many passes over the training split (0: no limit)"})
-    max_time: str = field(default="14m", metadata={"help": "stop after this much training wall-clock, e.g. 90s, 15m, 1h (empty: no limit)"})
+    max_time: str = field(default="13.5m", metadata={"help": "stop after this much training wall-clock, e.g. 90s, 15m, 1h (empty: no limit)"})
     eval_interval: int = field(default=250, metadata={"help": "evaluate on the validation split every N steps"})
     eval_batches: int = field(default=10, metadata={"help": "batches used by the periodic evaluation (the final one uses all)"})
     checkpoint_interval: int = field(default=500, metadata={"help": "write last.pt every N steps"})

@@ -131,8 +131,6 @@ class Trainer:
         self.run_dir = Path(t.out)
         self.device = resolve_device(t.device)
         self.precision = resolve_precision(t.precision, self.device)
-        if self.precision == "bf16" and self.device.type == "mps":
-            raise CharlmError("bf16 autocast is not supported on MPS here; use --train.precision fp32")
         self.max_time = parse_duration(t.max_time)
         prepare_run_dir(self.run_dir, resume)
         checkpoint = load_checkpoint(self.run_dir / "last.pt") if resume else None

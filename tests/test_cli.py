@@ -200,3 +200,14 @@ def test_truncated_corrupt_and_foreign_files(cli, trained, tmp_path):
     one_line_error(*cli("sample", foreign)[::2], "not a charlm checkpoint")
     one_line_error(*cli("sample", future)[::2], "version 99")
     one_line_error(*cli("sample", tmp_path / "missing.pt")[::2], "not found")
+
+
+def test_export_makes_a_small_checkpoint_that_samples_the_same(cli, trained, tmp_path):
+    code, out, err = cli("export", trained, "--out", tmp_path / "small.pt")
+    assert code == 0, err
+    assert (tmp_path / "small.pt").stat().st_size < (trained / "best.pt").stat().st_size / 2
+    exported = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert "optimizer" not in exported and exported["model"]["head.weight"].dtype == torch.float16
+    _, full_eval, _ = cli("eval", trained, "--json")
+    _, small_eval, _ = cli("eval", tmp_path / "small.pt", "--json", "--data-dir", os.environ["CHARLM_DATA_DIR"])
+    assert json.loads(small_eval)["loss"] == pytest.approx(json.loads(full_eval)["loss"], abs=2e-3)
