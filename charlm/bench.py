@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .config import ModelConfig, TrainConfig
+from .data import Vocab
 from .device import cpu_has_fast_bf16, resolve_device, resolve_precision
 from .evaluate import evaluate
 from .model import CharRNN
@@ -119,7 +120,6 @@ def evaluation_throughput(settings: BenchSettings, device: torch.device, precisi
 
 
 def sampling_throughput(settings: BenchSettings, device: torch.device, streams: int, length: int) -> float:
-    from .data import Vocab
     torch.manual_seed(0)
     model = CharRNN(VOCAB_SIZE, settings.model).to(device).eval()
     vocab = Vocab("".join(chr(32 + i) for i in range(VOCAB_SIZE)))

@@ -106,7 +106,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CharlmError(f"{path} is corrupted or not a checkpoint ({first})") from None
     except IsADirectoryError:
         raise CharlmError(f"{path} is a directory, not a checkpoint file") from None
-    except PermissionError as err:
+    except OSError as err:
         raise CharlmError(f"cannot read {path} ({err.strerror or err})") from None
     except Exception as err:  # a damaged file can fail anywhere inside the reader; the safe unpickler ran no code
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

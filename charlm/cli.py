@@ -53,8 +53,7 @@ def with_config_options(func):
     for key, (kind, default, help_text) in all_keys().items():
         params.append(inspect.Parameter(
             key.replace(".", "__"), inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
-            default=typer.Option(None, *option_names(key, kind), help=f"{help_text} [default: {default!r}]", show_default=False,
-                                 rich_help_panel="Config (each overrides the config file)"),
+            default=typer.Option(None, *option_names(key, kind), help=f"{help_text} [default: {default!r}]", show_default=False),
         ))
     func.__signature__ = signature.replace(parameters=params)
     return func
@@ -86,16 +85,14 @@ def train(
     """Train a model on a text corpus (Tiny Shakespeare by default), with checkpoints in a run directory."""
     from .checkpoint import load_checkpoint
     from .console import ConsoleReporter, console, eval_table
-    from .train import TrainingInterrupted, train as run_training
+    from .train import TrainingInterrupted, resume_checkpoint, train as run_training
 
     given = {key.replace("__", "."): value for key, value in overrides.items() if value is not None}
     if "data.dir" not in given and "CHARLM_DATA_DIR" in os.environ:
         given["data.dir"] = os.environ["CHARLM_DATA_DIR"]
     if resume is not None:
-        if not (resume / "last.pt").is_file():
-            raise CharlmError(f"cannot resume: {resume} holds no last.pt; start a new run with --out {resume}")
-        saved = load_checkpoint(resume / "last.pt")["config"]
-        cfg = Config.from_dict(saved, source=str(resume / "last.pt"))
+        last = resume_checkpoint(resume)
+        cfg = Config.from_dict(load_checkpoint(last)["config"], source=str(last))
         cfg = load_config(None, {**flatten(cfg), **given, "train.out": str(resume)})
     else:
         cfg = load_config(resolve_config_file(config), given)

@@ -71,10 +71,17 @@ def learning_rate(config: Config, step: int, progress: float | None) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def resume_checkpoint(run_dir: Path) -> Path:
+    """The last.pt a resumed run continues from, or a clear error when there is none."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        raise CharlmError(f"cannot resume: {run_dir} holds no last.pt; start a new run with --out {run_dir}")
+    return path
+
+
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     if resume:
-        if not (run_dir / "last.pt").is_file():
-            raise CharlmError(f"cannot resume: {run_dir} holds no last.pt; start a new run with --out {run_dir}")
+        resume_checkpoint(run_dir)
         return
     if (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
         raise CharlmError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
