@@ -9,9 +9,7 @@ either the old or the new checkpoint, never a torn one.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from .config import Config
 from .data import Vocab
 from .errors import CharlmError
+from .files import atomic_write
 from .model import CharRNN
 
 FORMAT = "charlm-checkpoint"
@@ -29,48 +28,16 @@ PRETRAINED_NAME = "pretrained"
 PRETRAINED_PATH = Path(__file__).parent / "pretrained" / "shakespeare.pt"
 
 
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """Write ``payload`` to ``path`` atomically; on failure the old file is untouched."""
     path = Path(path)
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would surprise whoever shares the run
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-        fsync_dir(path.parent)
+        return atomic_write(path, lambda fh: torch.save(payload, fh))
     except OSError as err:
         raise CharlmError(
             f"could not write checkpoint {path} ({err.strerror or err}); the previous checkpoint is unchanged"
         ) from None
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
-    return path
 
 
 def resolve(path: str | Path | None) -> Path:

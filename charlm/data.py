@@ -12,7 +12,6 @@ import codecs
 import hashlib
 import json
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -24,6 +23,7 @@ import torch
 
 from .config import DataConfig
 from .errors import CharlmError
+from .files import atomic_write
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -46,31 +46,27 @@ def sha256_of(path: Path) -> str:
 def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
     """Fetch ``url`` into ``dest`` atomically, refusing content whose sha256 differs."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    for block in iter(lambda: response.read(1 << 16), b""):
-                        out.write(block)
-            except (urllib.error.URLError, OSError, ValueError) as err:
-                reason = getattr(err, "reason", err)
-                raise CharlmError(
-                    f"could not download {url} ({reason}); put the file at {dest} or pass --data FILE"
-                ) from None
-            out.flush()
-            os.fsync(out.fileno())
-        actual = sha256_of(tmp)
-        if actual != sha256:
+
+    def fetch(out) -> None:
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                for block in iter(lambda: response.read(1 << 16), b""):
+                    out.write(block)
+                    digest.update(block)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise CharlmError(f"could not download {url} ({reason}); put the file at {dest} or pass --data FILE") from None
+        if digest.hexdigest() != sha256:
             raise CharlmError(
-                f"downloaded {url} but its sha256 is {actual}, expected {sha256}; nothing was saved, "
+                f"downloaded {url} but its sha256 is {digest.hexdigest()}, expected {sha256}; nothing was saved, "
                 f"put a good copy at {dest} or pass --data FILE"
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+
+    try:
+        return atomic_write(dest, fetch)
+    except OSError as err:
+        raise CharlmError(f"could not save {dest} ({err.strerror or err}); free some space or pass --data FILE") from None
 
 
 def default_corpus(data_dir: str | Path) -> Path:
@@ -230,11 +226,13 @@ def load_corpus(path: str | Path, cache_dir: str | Path, errors: str = "strict")
         try:
             vocab = encode_file(path, tmp, errors)
             os.replace(tmp, ids_file)
+            chars = json.dumps({"source": str(path), "chars": vocab.chars}).encode("utf-8")
+            atomic_write(vocab_file, lambda fh: fh.write(chars))
+        except OSError as err:
+            raise CharlmError(f"cannot write the encoded corpus to {cache} ({err.strerror or err}); "
+                              "free some space or pass --data-dir DIR") from None
         finally:
             tmp.unlink(missing_ok=True)
-        tmp_vocab = vocab_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp_vocab.write_text(json.dumps({"source": str(path), "chars": vocab.chars}), encoding="utf-8")
-        os.replace(tmp_vocab, vocab_file)
     vocab = Vocab(json.loads(vocab_file.read_text(encoding="utf-8"))["chars"])
     return Corpus(path=path, ids=np.load(ids_file, mmap_mode="r"), vocab=vocab)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlm import checkpoint as checkpoint_module
+from charlm import files as files_module
+from charlm.device import cpu_has_fast_bf16
 from tests.conftest import TINY
 
 
@@ -147,13 +148,20 @@ def test_unavailable_device(cli, ascii_corpus, trained):
     one_line_error(*cli("sample", trained, "--device", "cuda")[::2], "not available")
 
 
+@pytest.mark.skipif(cpu_has_fast_bf16(), reason="this CPU runs bf16 natively")
+def test_bf16_refused_on_a_cpu_without_it(cli, ascii_corpus, tmp_path):
+    code, _, err = cli("train", "--data", ascii_corpus, *TINY, "--train.precision", "bf16", "--out", tmp_path / "bf16")
+    one_line_error(code, err, "native bf16", "fp32 or auto")
+    assert not (tmp_path / "bf16").exists()
+
+
 def test_disk_full_during_save_keeps_the_earlier_checkpoint(cli, trained, monkeypatch):
     before = (trained / "last.pt").read_bytes()
 
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module.os, "fsync", full_disk)
+    monkeypatch.setattr(files_module.os, "fsync", full_disk)
     code, _, err = cli("train", "--resume", trained, "--max-steps", 40, "--quiet")
     last_line = err.strip().splitlines()[-1]  # after the run summary, which was printed before the save
     one_line_error(code, last_line, "No space left on device", "previous checkpoint is unchanged", "last.pt")
@@ -211,3 +219,32 @@ def test_export_makes_a_small_checkpoint_that_samples_the_same(cli, trained, tmp
     _, full_eval, _ = cli("eval", trained, "--json")
     _, small_eval, _ = cli("eval", tmp_path / "small.pt", "--json", "--data-dir", os.environ["CHARLM_DATA_DIR"])
     assert json.loads(small_eval)["loss"] == pytest.approx(json.loads(full_eval)["loss"], abs=2e-3)
+
+
+# ------------------------------------------------------------------ plots
+
+def test_plot_draws_loss_curves_of_runs(cli, trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    from charlm.plot import read_metrics
+
+    curves = read_metrics(trained)
+    assert curves.val and curves.train and curves.final_val_loss is not None
+    (trained / "metrics.jsonl").open("a").write('{"step": 21, "loss": 1.')  # a line cut short by a crash
+    assert len(read_metrics(trained).train) == len(curves.train)
+
+    out = tmp_path / "plots" / "loss.png"
+    code, printed, err = cli("plot", trained, trained / "metrics.jsonl", "--out", out, "--x", "step")
+    assert code == 0, err
+    assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and out.stat().st_size > 10_000
+    assert str(out) in printed
+
+
+def test_plot_bad_input(cli, trained, tmp_path, monkeypatch):
+    one_line_error(*cli("plot", tmp_path / "nowhere")[::2], "no metrics.jsonl")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    one_line_error(*cli("plot", empty)[::2], "no loss records")
+    one_line_error(*cli("plot", trained, "--x", "chars")[::2], "--x must be one of")
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # as if the extra were not installed
+    one_line_error(*cli("plot", trained)[::2], "pip install 'charlm[plot]'")
