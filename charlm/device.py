@@ -49,6 +49,12 @@ def resolve_precision(name: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    if name == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        # oneDNN has no bf16 LSTM kernel for such CPUs: the first forward would fail deep inside it.
+        raise CharlmError("precision bf16 needs a CPU with native bf16 (AVX-512 BF16 or AMX) and this one has none; "
+                          "use precision fp32 or auto")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CharlmError("precision bf16 needs a GPU with bf16 support and this one has none; use precision fp32 or auto")
     return name
 
 
