@@ -188,6 +188,20 @@ def export(
 
 
 @app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="run directories (or metrics.jsonl files) to draw, one curve each"),
+    out: Path = typer.Option(Path("loss.png"), "--out", "-o", help="PNG file to write"),
+    x_axis: str = typer.Option("time", "--x", help="step|time: optimizer steps or minutes of training"),
+    title: Optional[str] = typer.Option(None, "--title", help="title above the plot", show_default=False),
+) -> None:
+    """Draw validation and training loss curves of runs to a PNG (needs: pip install 'charlm[plot]')."""
+    from .plot import plot_runs, read_metrics
+
+    path = plot_runs([read_metrics(run) for run in runs], out, x_axis, title)
+    print(f"wrote {path}")
+
+
+@app.command()
 def bench(
     cell: str = typer.Option("lstm", "--cell", help="rnn|lstm|gru"),
     layers: int = typer.Option(2, "--layers", help="recurrent layers"),
