@@ -13,7 +13,10 @@ from .device import autocast, resolve_precision
 from .errors import CharlmError
 from .model import CharRNN, sequence_loss
 
-EVAL_BATCH = 64
+# The validation text is read as 16 contiguous streams, the hidden state carried through each:
+# every stream starts cold once, so fewer streams measure the model more truly (one stream reads
+# ~0.001 nats lower than 16 on Tiny Shakespeare, 64 streams ~0.005 higher) but run slower.
+EVAL_BATCH = 16
 EVAL_SEQ_LEN = 256
 
 

@@ -5,7 +5,7 @@ import json
 from charlm.checkpoint import PRETRAINED_PATH
 
 # The validation loss measured for the shipped model (docs/RESULTS.md), plus fp16 rounding slack.
-SHIPPED_VAL_LOSS = 1.425
+SHIPPED_VAL_LOSS = 1.405
 
 
 def test_pretrained_is_small_and_samples_without_arguments(cli):
