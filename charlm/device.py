@@ -43,18 +43,22 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether bf16 runs fast and through the fused kernels on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' means bf16 autocast on CUDA GPUs and CPUs that support it, fp32 elsewhere."""
+    """'auto' means bf16 autocast where the device has native bf16, fp32 elsewhere. bf16 asked for on
+    a CPU or GPU without it is refused: oneDNN has no bf16 LSTM kernel for such CPUs, so the first
+    forward would fail deep inside it."""
     if name == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
-    if name == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
-        # oneDNN has no bf16 LSTM kernel for such CPUs: the first forward would fail deep inside it.
-        raise CharlmError("precision bf16 needs a CPU with native bf16 (AVX-512 BF16 or AMX) and this one has none; "
-                          "use precision fp32 or auto")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise CharlmError("precision bf16 needs a GPU with bf16 support and this one has none; use precision fp32 or auto")
+        return "bf16" if has_native_bf16(device) else "fp32"
+    if name == "bf16" and device.type in ("cpu", "cuda") and not has_native_bf16(device):
+        needs = "a CPU with native bf16 (AVX-512 BF16 or AMX)" if device.type == "cpu" else f"a {device.type} device with bf16 support"
+        raise CharlmError(f"precision bf16 needs {needs} and this one has none; use precision fp32 or auto")
     return name
 
 
