@@ -90,14 +90,16 @@ def train(
     given = {key.replace("__", "."): value for key, value in overrides.items() if value is not None}
     if "data.dir" not in given and "CHARLM_DATA_DIR" in os.environ:
         given["data.dir"] = os.environ["CHARLM_DATA_DIR"]
+    checkpoint = None
     if resume is not None:
         last = resume_checkpoint(resume)
-        cfg = Config.from_dict(load_checkpoint(last)["config"], source=str(last))
+        checkpoint = load_checkpoint(last)
+        cfg = Config.from_dict(checkpoint["config"], source=str(last))
         cfg = load_config(None, {**flatten(cfg), **given, "train.out": str(resume)})
     else:
         cfg = load_config(resolve_config_file(config), given)
     try:
-        result = run_training(cfg, resume=resume is not None, reporter=ConsoleReporter(quiet))
+        result = run_training(cfg, resume=resume is not None, reporter=ConsoleReporter(quiet), checkpoint=checkpoint)
     except TrainingInterrupted as stop:
         console.print(f"[bold yellow]{stop}[/]: saved {stop.checkpoint}; continue with: charlm train --resume {stop.checkpoint.parent}", soft_wrap=True)
         raise typer.Exit(stop.exit_code)

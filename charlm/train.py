@@ -132,7 +132,9 @@ def optimizer_step(model: CharRNN, optimizer: torch.optim.Optimizer, inputs: tor
 
 
 class Trainer:
-    def __init__(self, config: Config, resume: bool = False, reporter: Reporter | None = None):
+    def __init__(self, config: Config, resume: bool = False, reporter: Reporter | None = None,
+                 checkpoint: dict[str, Any] | None = None):
+        """``checkpoint``: the run's last.pt when the caller has already read it (resume only)."""
         self.config, self.reporter = config, reporter or Reporter()
         t = config.train
         self.run_dir = Path(t.out)
@@ -140,7 +142,10 @@ class Trainer:
         self.precision = resolve_precision(t.precision, self.device)
         self.max_time = parse_duration(t.max_time)
         prepare_run_dir(self.run_dir, resume)
-        checkpoint = load_checkpoint(self.run_dir / "last.pt") if resume else None
+        if not resume:
+            checkpoint = None
+        elif checkpoint is None:
+            checkpoint = load_checkpoint(self.run_dir / "last.pt")
 
         corpus = open_corpus(config.data)
         self.corpus = corpus
@@ -378,6 +383,7 @@ class Trainer:
         }
 
 
-def train(config: Config, resume: bool = False, reporter: Reporter | None = None) -> TrainResult:
+def train(config: Config, resume: bool = False, reporter: Reporter | None = None,
+          checkpoint: dict[str, Any] | None = None) -> TrainResult:
     """Train a model as ``config`` says, checkpointing into ``config.train.out``."""
-    return Trainer(config, resume, reporter).run()
+    return Trainer(config, resume, reporter, checkpoint).run()
