@@ -109,21 +109,18 @@ def optimizer_step(model: CharRNN, optimizer: torch.optim.Optimizer, inputs: tor
     """Forward, loss, backward, clipping and update for one batch; returns (loss, detached hidden).
 
     A non-finite loss or gradient skips the update and returns (None, None): the
-    hidden state that produced it is dropped too.
+    hidden state that produced it is dropped too. The loss and the gradient norm
+    come back to the host together: one wait for a GPU per step, not two.
     """
     device = inputs.device
     with model.weight_drop():
         with autocast(device, precision):
             logits, hidden = model(inputs, hidden)
             loss = sequence_loss(logits, targets)
-        loss_value = float(loss.detach())
-        finite = math.isfinite(loss_value)
-        if finite:
-            loss.backward()
-    if finite:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-        finite = math.isfinite(float(norm))
-    if not finite:
+        loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         optimizer.zero_grad(set_to_none=True)
         return None, None
     optimizer.step()
