@@ -4,8 +4,9 @@ import json
 
 from charlm.checkpoint import PRETRAINED_PATH
 
-# The validation loss measured for the shipped model (docs/RESULTS.md), plus fp16 rounding slack.
-SHIPPED_VAL_LOSS = 1.405
+# The issue's target for the shipped model; it measures 1.3953 (docs/RESULTS.md), so this leaves
+# room for other CPUs' rounding but fails if a worse model is ever shipped.
+SHIPPED_VAL_LOSS = 1.40
 
 
 def test_pretrained_is_small_and_samples_without_arguments(cli):
