@@ -95,7 +95,7 @@ def generate(model: CharRNN, vocab: Vocab, prime: str = "", settings: SampleSett
         _, hidden = model(context[:, :-1], hidden)
     if hidden is None:
         hidden = model.init_hidden(batch, device)
-    state, weights = per_layer(hidden), model.layer_weights()
+    state, weights = per_layer(hidden), model.step_weights()
     token = context[:, -1]
     produced = torch.empty(batch, settings.length, dtype=torch.long, device=device)
     texts = [""] * batch

@@ -6,14 +6,17 @@ from charlm.model import CharRNN, per_layer, sequence_loss
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_single_step_path_matches_the_full_layer(cell):
+@pytest.mark.parametrize("embedding_size", [8, 32])  # wider than the vocabulary: folded into the first layer
+def test_single_step_path_matches_the_full_layer(cell, embedding_size):
     torch.manual_seed(0)
-    model = CharRNN(20, ModelConfig(cell=cell, layers=2, hidden_size=24, embedding_size=8)).eval()
+    model = CharRNN(20, ModelConfig(cell=cell, layers=2, hidden_size=24, embedding_size=embedding_size)).eval()
+    weights = model.step_weights()
+    assert weights.one_hot_input == (embedding_size > 20)
     ids = torch.randint(0, 20, (3, 12))
     full, _ = model(ids)
     state = per_layer(model.init_hidden(3))
     for t in range(12):
-        logits, state = model.step(ids[:, t], state)
+        logits, state = model.step(ids[:, t], state, weights)
         torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-5)
 
 
