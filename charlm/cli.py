@@ -39,11 +39,12 @@ SHORT_OPTIONS = {
 
 
 def option_names(key: str, kind: type) -> list[str]:
-    name = SHORT_OPTIONS.get(key, "--" + key.replace("_", "-"))
+    """Every key is ``--section.key``; a common one also answers to its short option."""
+    name = "--" + key.replace("_", "-")
     if kind is bool:  # a flag pair: --model.tie-weights / --model.no-tie-weights
         section, field = name[2:].split(".")
         return [f"{name}/--{section}.no-{field}"]
-    return [name]
+    return [SHORT_OPTIONS[key], name] if key in SHORT_OPTIONS else [name]
 
 
 def with_config_options(func):

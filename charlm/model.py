@@ -91,9 +91,10 @@ class CharRNN(nn.Module):
     def step(self, ids: torch.Tensor, state: list, weights: StepWeights | None = None) -> tuple[torch.Tensor, list]:
         """One character for each of B streams: ids (B,) -> logits (B, V) and the new per-layer state.
 
-        Uses the fused single-step cell kernels on the recurrent layer's own
-        weights: calling the full ``nn.LSTM`` per character costs far more in
-        overhead. ``state`` is a list with one entry per layer (see ``per_layer``).
+        Uses the fused single-step cell kernels on the recurrent layer's weights
+        (as ``step_weights`` gives them; pass them in to compute them once):
+        calling the full ``nn.LSTM`` per character costs far more in overhead.
+        ``state`` is a list with one entry per layer (see ``per_layer``).
         """
         cell = CELL_STEP[self.config.cell]
         weights = weights or self.step_weights()

@@ -35,7 +35,7 @@ def test_help_explains_every_option(cli):
         assert code == 0
         assert "Usage" in out
     _, out, _ = cli("train", "--help")
-    for option in ("--model.cell", "--data", "--max-time", "--resume", "--train.random-seq-len", "--model.weight-drop"):
+    for option in ("--model.cell", "--data", "--max-time", "--train.max-time", "--resume", "--train.random-seq-len", "--model.weight-drop"):
         assert option in out
     assert "default" in out
 
@@ -69,9 +69,10 @@ def test_unicode_corpus_trains_and_samples(cli, unicode_corpus, tmp_path):
 
 def test_every_cell_and_tied_weights(cli, ascii_corpus, tmp_path):
     for cell in ("rnn", "lstm", "gru"):
-        code, _, err = cli("train", "--data", ascii_corpus, *TINY, "--max-steps", 5, "--out", tmp_path / cell,
+        code, _, err = cli("train", "--data", ascii_corpus, *TINY, "--train.max-steps", 5, "--out", tmp_path / cell,
                            "--model.cell", cell, "--model.tie-weights", "--model.dropout", "0.2")
         assert code == 0, err
+        assert "max_steps = 5\n" in (tmp_path / cell / "config.toml").read_text()  # the long form of --max-steps
 
 
 def test_resume_through_the_cli(cli, trained):
