@@ -47,7 +47,7 @@ class TrainConfig:
     random_seq_len: bool = field(default=False, metadata={"help": "draw each batch's BPTT length at random around seq_len"})
     lr: float = field(default=4e-3, metadata={"help": "peak learning rate (AdamW)"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices"})
+    weight_decay: float = field(default=0.25, metadata={"help": "AdamW weight decay on matrices"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
     warmup_steps: int = field(default=50, metadata={"help": "linear learning-rate warm-up steps"})

@@ -2,7 +2,8 @@
 
 An embedding, a stack of ``torch.nn.RNN/LSTM/GRU`` layers (so cuDNN and oneDNN
 run the recurrence) and a linear read-out. ``step`` advances one character with
-the fused single-step cell kernels, which is what makes sampling fast.
+the fused single-step cell kernels: the sampling path for batches and GPUs
+(one stream on the CPU goes through ``numpy_step`` instead).
 """
 
 from __future__ import annotations

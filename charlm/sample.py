@@ -1,9 +1,11 @@
 """Text generation: temperature, top-k and nucleus (top-p) sampling, streamed as it is made.
 
 The prime goes through the full recurrent layer in one call; every further
-character uses the model's single-step path. Random numbers come from one
-seeded CPU generator, drawn up front, so the same seed gives the same text on
-any device and batch layout, and the GPU never waits on the host per step.
+character takes one step: numpy's BLAS for a single stream on the CPU (see
+``numpy_step``), the fused cell kernels of ``CharRNN.step`` otherwise. Random
+numbers come from one seeded CPU generator, drawn up front, so the same seed
+gives the same text on any device and batch layout, and the GPU never waits on
+the host per step.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 from .data import Vocab, describe_chars
 from .errors import CharlmError
-from .model import CharRNN, per_layer
+from .model import CharRNN, Hidden, per_layer
+from .numpy_step import NumpyStepper
 
 
 @dataclass
@@ -64,6 +67,26 @@ def choose(logits: torch.Tensor, uniform: torch.Tensor, settings: SampleSettings
     return picks.clamp_(max=logits.size(-1) - 1)
 
 
+class TorchStepper:
+    """``CharRNN.step`` with its state and weights held: ids (B,) -> logits (B, V)."""
+
+    def __init__(self, model: CharRNN, hidden: Hidden):
+        self.model, self.state, self.weights = model, per_layer(hidden), model.step_weights()
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        logits, self.state = self.model.step(ids, self.state, self.weights)
+        return logits
+
+
+def stepper(model: CharRNN, hidden: Hidden) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The faster single-step path, starting from ``hidden``: numpy's BLAS for one
+    stream on the CPU (see ``numpy_step``), the fused cell kernels otherwise."""
+    first = hidden[0] if isinstance(hidden, tuple) else hidden
+    if first.device.type == "cpu" and first.size(1) == 1:
+        return NumpyStepper(model, hidden)
+    return TorchStepper(model, hidden)
+
+
 def prime_ids(vocab: Vocab, prime: str) -> list[int]:
     missing = vocab.unknown(prime)
     if missing:
@@ -95,13 +118,12 @@ def generate(model: CharRNN, vocab: Vocab, prime: str = "", settings: SampleSett
         _, hidden = model(context[:, :-1], hidden)
     if hidden is None:
         hidden = model.init_hidden(batch, device)
-    state, weights = per_layer(hidden), model.step_weights()
+    step = stepper(model, hidden)
     token = context[:, -1]
     produced = torch.empty(batch, settings.length, dtype=torch.long, device=device)
     texts = [""] * batch
     for i in range(settings.length):
-        logits, state = model.step(token, state, weights)
-        token = choose(logits, uniforms[i], settings)
+        token = choose(step(token), uniforms[i], settings)
         produced[:, i] = token
         if (i + 1) % flush_every == 0 or i + 1 == settings.length:
             chunk = produced[:, i - i % flush_every: i + 1].tolist()

@@ -3,6 +3,7 @@ import torch
 
 from charlm.config import ModelConfig
 from charlm.model import CharRNN, per_layer, sequence_loss
+from charlm.numpy_step import NumpyStepper
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
@@ -18,6 +19,20 @@ def test_single_step_path_matches_the_full_layer(cell, embedding_size):
     for t in range(12):
         logits, state = model.step(ids[:, t], state, weights)
         torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("tie_weights", [False, True])  # tied with hidden 24 != 16: a projection is folded in
+def test_numpy_step_matches_the_full_layer_from_a_carried_state(cell, tie_weights):
+    torch.manual_seed(0)
+    config = ModelConfig(cell=cell, layers=2, hidden_size=24, embedding_size=16, tie_weights=tie_weights)
+    model = CharRNN(20, config).eval()
+    ids = torch.randint(0, 20, (3, 12))
+    full, _ = model(ids)
+    _, hidden = model(ids[:, :4])
+    step = NumpyStepper(model, hidden)
+    for t in range(4, 12):
+        torch.testing.assert_close(step(ids[:, t]), full[:, t], rtol=1e-4, atol=1e-5)
 
 
 def test_tied_weights_share_the_embedding():
