@@ -78,8 +78,9 @@ class CharRNN(nn.Module):
 
         Where the vocabulary is narrower than the embedding, the embedding is folded
         into the first layer's input weights (gates x vocabulary) and a step feeds
-        it a one-hot character: one step of a 2x512 LSTM then reads a quarter fewer
-        bytes, and a single stream is memory-bound, so it runs 20-40% faster here.
+        it a one-hot character: one step of a 2x512 LSTM with 512-wide embeddings
+        then reads a quarter fewer bytes (256 streams measured 12,392-14,426 chars/s
+        against 9,333-11,302 without it; docs/BENCHMARKS.md).
         """
         layers = self.layer_weights()
         if self.vocab_size >= self.config.embedding_size:
