@@ -10,6 +10,7 @@ gradient with respect to the weights). Element-wise work is not counted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -19,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -50,6 +51,7 @@ class BenchSettings:
     device: str = "auto"
     fast: bool = False
     corpus_mb: int = 100
+    profile: bool = False
 
 
 def forward_flops_per_char(config: ModelConfig, vocab_size: int) -> int:
@@ -63,16 +65,21 @@ def forward_flops_per_char(config: ModelConfig, vocab_size: int) -> int:
     return flops + 2 * (config.embedding_size if config.tie_weights else hidden) * vocab_size
 
 
-def timed(fn: Callable[[], Any], device: torch.device, min_seconds: float, min_repeats: int = 2) -> float:
-    """Seconds per call after one warm-up call, repeated until ``min_seconds`` have passed."""
+def timed(fn: Callable[[], Any], device: torch.device, min_seconds: float, min_repeats: int = 2,
+          fastest: bool = False) -> float:
+    """Seconds per call after one warm-up call, repeated until ``min_seconds`` have passed:
+    the mean, or with ``fastest`` the quickest single call (a peak, free of other tenants' noise)."""
     fn()
     sync(device)
-    repeats, start = 0, time.perf_counter()
-    while repeats < min_repeats or time.perf_counter() - start < min_seconds:
+    times, start = [], time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - start < min_seconds:
+        call_start = time.perf_counter()
         fn()
-        repeats += 1
+        if fastest:
+            sync(device)
+        times.append(time.perf_counter() - call_start)
     sync(device)
-    return (time.perf_counter() - start) / repeats
+    return min(times) if fastest else (time.perf_counter() - start) / len(times)
 
 
 def sync(device: torch.device) -> None:
@@ -84,13 +91,13 @@ def matmul_peaks(device: torch.device, size: int, min_seconds: float) -> dict[st
     """Best matrix-multiply GFLOP/s per precision (and per CPU path for fp32)."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     flops = 2 * size ** 3
-    peaks = {"fp32": flops / timed(lambda: a @ b, device, min_seconds) / 1e9}
+    peaks = {"fp32": flops / timed(lambda: a @ b, device, min_seconds, fastest=True) / 1e9}
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         a_dnn, b_dnn = a.to_mkldnn(), b.to_mkldnn()
-        peaks["fp32 (oneDNN linear)"] = flops / timed(lambda: torch._C._nn.mkldnn_linear(a_dnn, b_dnn), device, min_seconds) / 1e9
+        peaks["fp32 (oneDNN linear)"] = flops / timed(lambda: torch._C._nn.mkldnn_linear(a_dnn, b_dnn), device, min_seconds, fastest=True) / 1e9
     if device.type == "cuda" or cpu_has_fast_bf16():
         a16, b16 = a.bfloat16(), b.bfloat16()
-        peaks["bf16"] = flops / timed(lambda: a16 @ b16, device, min_seconds) / 1e9
+        peaks["bf16"] = flops / timed(lambda: a16 @ b16, device, min_seconds, fastest=True) / 1e9
     else:  # emulated bf16: measured small, so the table shows why auto avoids it
         small = 256
         a16, b16 = torch.randn(small, small).bfloat16(), torch.randn(small, small).bfloat16()
@@ -98,7 +105,8 @@ def matmul_peaks(device: torch.device, size: int, min_seconds: float) -> dict[st
     return peaks
 
 
-def training_throughput(settings: BenchSettings, device: torch.device, precision: str, min_seconds: float) -> float:
+def training_step(settings: BenchSettings, device: torch.device, precision: str) -> Callable[[], None]:
+    """One whole training step (forward, loss, backward, clipping, AdamW) on random characters."""
     torch.manual_seed(0)
     model = CharRNN(VOCAB_SIZE, settings.model).to(device).train()
     optimizer = build_optimizer(model, TrainConfig())
@@ -109,7 +117,49 @@ def training_throughput(settings: BenchSettings, device: torch.device, precision
     def step():
         _, state["hidden"] = optimizer_step(model, optimizer, inputs, targets, state["hidden"], precision, 1.0)
 
-    return settings.batch_size * settings.seq_len / timed(step, device, min_seconds)
+    return step
+
+
+def training_throughput(settings: BenchSettings, device: torch.device, precision: str, min_seconds: float) -> float:
+    seconds = timed(training_step(settings, device, precision), device, min_seconds, min_repeats=5)
+    return settings.batch_size * settings.seq_len / seconds
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2: the profiler's C++ side prints start and stop lines there that no option turns off."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def training_profile(settings: BenchSettings, device: torch.device, precision: str, steps: int = 3,
+                     rows: int = 8) -> list[dict[str, Any]]:
+    """Where a training step's time goes: the operators with the most self time, by PyTorch's profiler.
+
+    On the CPU the recurrent layers show up as oneDNN's ``mkldnn_rnn_layer`` (forward) and
+    ``mkldnn_rnn_layer_backward``; on CUDA as cuDNN's kernels under ``_cudnn_rnn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = training_step(settings, device, precision)
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with quiet_stderr(), profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [event for event in prof.key_averages() if getattr(event, attribute) > 0]
+    total = sum(getattr(event, attribute) for event in events)
+    events.sort(key=lambda event: getattr(event, attribute), reverse=True)
+    return [{"op": event.key, "ms_per_step": getattr(event, attribute) / steps / 1e3,
+             "share": getattr(event, attribute) / total} for event in events[:rows]]
 
 
 def evaluation_throughput(settings: BenchSettings, device: torch.device, precision: str, min_seconds: float) -> float:
@@ -201,6 +251,9 @@ def run_bench(settings: BenchSettings, on_result: Callable[[str, Any], None] | N
     results["train"] = {"chars_per_s": train_cps, "flops_per_char": flops, "gflops": train_cps * flops / 1e9,
                         "fraction_of_peak": train_cps * flops / 1e9 / peak}
     report("train", results["train"])
+    if settings.profile:
+        results["train_profile"] = training_profile(settings, device, precision)
+        report("train_profile", results["train_profile"])
     eval_cps = evaluation_throughput(settings, device, precision, min_seconds)
     results["eval"] = {"chars_per_s": eval_cps, "x_training": eval_cps / train_cps}
     report("eval", results["eval"])

@@ -216,6 +216,7 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
     corpus_mb: int = typer.Option(100, "--corpus-mb", help="size of the generated corpus for the encoding test"),
     fast: bool = typer.Option(False, "--fast", help="tiny sizes and short timings: checks that everything runs"),
+    profile: bool = typer.Option(False, "--profile", help="also show where a training step's time goes (PyTorch profiler)"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ) -> None:
     """Measure matmul peak, training/eval/sampling throughput, corpus encoding speed and peak memory."""
@@ -229,7 +230,7 @@ def bench(
         if value < 1:
             raise CharlmError(f"{name} must be at least 1, got {value}")
     settings = BenchSettings(model=plain_model(cell, layers, hidden_size, embedding_size), batch_size=batch_size, seq_len=seq_len, precision=precision,
-                             device=device, fast=fast, corpus_mb=corpus_mb)
+                             device=device, fast=fast, corpus_mb=corpus_mb, profile=profile)
     if as_json:
         print(to_json(run_bench(settings)))
         return

@@ -79,6 +79,9 @@ def bench_line(name: str, value: dict[str, Any]) -> str:
     if name == "train":
         return (f"train: {value['chars_per_s']:,.0f} chars/s, {value['gflops']:,.1f} GFLOP/s "
                 f"({value['flops_per_char'] / 1e6:.1f} MFLOP/char), {value['fraction_of_peak']:.0%} of peak")
+    if name == "train_profile":
+        return "training step, most self time:\n" + "\n".join(
+            f"  {row['share']:6.1%} {row['ms_per_step']:10,.1f} ms  {row['op']}" for row in value)
     if name == "eval":
         return f"eval: {value['chars_per_s']:,.0f} chars/s ({value['x_training']:.1f}x training)"
     if name == "sample":

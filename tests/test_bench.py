@@ -13,7 +13,7 @@ def test_flop_count_from_the_shape():
 
 def test_fast_bench_runs_end_to_end(cli):
     code, out, err = cli("bench", "--fast", "--json", "--layers", "1", "--hidden-size", "64", "--embedding-size", "16",
-                         "--batch-size", "8", "--seq-len", "16", "--device", "cpu")
+                         "--batch-size", "8", "--seq-len", "16", "--device", "cpu", "--profile")
     assert code == 0, err
     results = json.loads(out)
     assert results["train"]["chars_per_s"] > 0 and 0 < results["train"]["fraction_of_peak"]
@@ -21,3 +21,7 @@ def test_fast_bench_runs_end_to_end(cli):
     assert results["sample"]["one_stream_chars_per_s"] > 0 and results["sample"]["batch_256_chars_per_s"] > 0
     assert results["encode"]["chars"] > 1_000_000 and results["encode"]["cached_load_seconds"] >= 0
     assert results["matmul_gflops"]["fp32"] > 0
+    # the profile names where a training step's time goes, the recurrent kernels among it
+    profile = results["train_profile"]
+    assert 0 < sum(row["share"] for row in profile) <= 1.0001
+    assert any("rnn" in row["op"] or "lstm" in row["op"] for row in profile)
