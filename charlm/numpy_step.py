@@ -45,7 +45,8 @@ class NumpyStepper:
     """Advances ``B`` streams one character per call and holds their state.
 
     Built from a model and its hidden state (as ``nn.LSTM`` and the others
-    return it); ``stepper(ids)`` takes (B,) character ids, returns (B, V) logits.
+    return it); ``stepper(ids)`` takes a character id or (B,) ids and returns
+    (B, V) logits, all numpy.
     """
 
     def __init__(self, model: CharRNN, hidden: Hidden):
@@ -66,13 +67,13 @@ class NumpyStepper:
         else:
             self.h, self.c = list(as_array(hidden)), None
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: int | np.ndarray) -> np.ndarray:
         x = None
         for layer, (w_ih_t, w_hh_t, b_ih, b_hh) in enumerate(self.layers):
-            input_gates = self.input_table[ids.numpy()] if layer == 0 else x @ w_ih_t + b_ih
+            input_gates = self.input_table[ids] if layer == 0 else x @ w_ih_t + b_ih
             hidden_gates = self.h[layer] @ w_hh_t + b_hh
             x = self.h[layer] = self.advance(layer, input_gates, hidden_gates)
-        return torch.from_numpy(x @ self.head_t + self.head_bias)
+        return x @ self.head_t + self.head_bias
 
     def advance(self, layer: int, input_gates: np.ndarray, hidden_gates: np.ndarray) -> np.ndarray:
         """The cell's update for one layer on the gate layout above; returns the new h."""

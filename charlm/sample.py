@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .data import Vocab, describe_chars
@@ -67,24 +68,57 @@ def choose(logits: torch.Tensor, uniform: torch.Tensor, settings: SampleSettings
     return picks.clamp_(max=logits.size(-1) - 1)
 
 
-class TorchStepper:
-    """``CharRNN.step`` with its state and weights held: ids (B,) -> logits (B, V)."""
+def choose_one(logits: np.ndarray, uniform: float, settings: SampleSettings) -> int:
+    """``choose`` for a single stream's numpy logits (V,), in numpy: a few microseconds where
+    PyTorch's small-tensor calls cost tens. The filtered cases go through ``choose`` itself."""
+    if settings.top_k is not None or settings.top_p is not None:
+        return int(choose(torch.from_numpy(logits)[None], torch.tensor([uniform]), settings))
+    if settings.temperature == 0:
+        return int(logits.argmax())
+    cdf = np.cumsum(np.exp((logits - logits.max()) / settings.temperature))
+    return min(int(np.searchsorted(cdf, uniform * cdf[-1])), len(cdf) - 1)
 
-    def __init__(self, model: CharRNN, hidden: Hidden):
+
+class TorchSampler:
+    """Any batch on any device: ``CharRNN.step`` (the fused cell kernels) and ``choose``.
+
+    Tokens stay on the device; ``run`` copies a chunk's ids out once, so a GPU is not
+    synchronised per character."""
+
+    def __init__(self, model: CharRNN, hidden: Hidden, tokens: torch.Tensor, settings: SampleSettings):
         self.model, self.state, self.weights = model, per_layer(hidden), model.step_weights()
+        self.tokens, self.settings = tokens, settings
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        logits, self.state = self.model.step(ids, self.state, self.weights)
-        return logits
+    def run(self, uniforms: torch.Tensor) -> list[list[int]]:
+        """Advance one character per row of ``uniforms`` (n, B); the chosen ids, per stream."""
+        picked = []
+        for uniform in uniforms:
+            logits, self.state = self.model.step(self.tokens, self.state, self.weights)
+            self.tokens = choose(logits, uniform, self.settings)
+            picked.append(self.tokens)
+        return torch.stack(picked, 1).tolist()
 
 
-def stepper(model: CharRNN, hidden: Hidden) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The faster single-step path, starting from ``hidden``: numpy's BLAS for one
-    stream on the CPU (see ``numpy_step``), the fused cell kernels otherwise."""
-    first = hidden[0] if isinstance(hidden, tuple) else hidden
-    if first.device.type == "cpu" and first.size(1) == 1:
-        return NumpyStepper(model, hidden)
-    return TorchStepper(model, hidden)
+class NumpySampler:
+    """One stream on the CPU: ``NumpyStepper`` and ``choose_one``, with no PyTorch call per character."""
+
+    def __init__(self, model: CharRNN, hidden: Hidden, tokens: torch.Tensor, settings: SampleSettings):
+        self.step, self.token, self.settings = NumpyStepper(model, hidden), int(tokens[0]), settings
+
+    def run(self, uniforms: torch.Tensor) -> list[list[int]]:
+        picked = []
+        for uniform in uniforms[:, 0].tolist():
+            self.token = choose_one(self.step(self.token)[0], uniform, self.settings)
+            picked.append(self.token)
+        return [picked]
+
+
+def sampler(model: CharRNN, hidden: Hidden, tokens: torch.Tensor, settings: SampleSettings) -> TorchSampler | NumpySampler:
+    """The faster path from ``hidden`` and the last ``tokens`` on: numpy for one stream on the
+    CPU (see ``numpy_step``), PyTorch otherwise."""
+    if tokens.device.type == "cpu" and len(tokens) == 1:
+        return NumpySampler(model, hidden, tokens, settings)
+    return TorchSampler(model, hidden, tokens, settings)
 
 
 def prime_ids(vocab: Vocab, prime: str) -> list[int]:
@@ -118,18 +152,12 @@ def generate(model: CharRNN, vocab: Vocab, prime: str = "", settings: SampleSett
         _, hidden = model(context[:, :-1], hidden)
     if hidden is None:
         hidden = model.init_hidden(batch, device)
-    step = stepper(model, hidden)
-    token = context[:, -1]
-    produced = torch.empty(batch, settings.length, dtype=torch.long, device=device)
+    chunks = sampler(model, hidden, context[:, -1], settings)
     texts = [""] * batch
-    for i in range(settings.length):
-        token = choose(step(token), uniforms[i], settings)
-        produced[:, i] = token
-        if (i + 1) % flush_every == 0 or i + 1 == settings.length:
-            chunk = produced[:, i - i % flush_every: i + 1].tolist()
-            for b, row in enumerate(chunk):
-                piece = vocab.decode(row)
-                texts[b] += piece
-                if on_text is not None:
-                    on_text(b, piece)
+    for start in range(0, settings.length, flush_every):
+        for b, row in enumerate(chunks.run(uniforms[start:start + flush_every])):
+            piece = vocab.decode(row)
+            texts[b] += piece
+            if on_text is not None:
+                on_text(b, piece)
     return texts

@@ -79,3 +79,17 @@ def test_bad_settings(model, settings, message):
 def test_unknown_prime_characters_are_named(model):
     with pytest.raises(CharlmError, match="'z', 'Q'"):
         generate(model, VOCAB, "abzQ", SampleSettings(length=5))
+
+
+@pytest.mark.parametrize("settings", [SampleSettings(temperature=0.8), SampleSettings(temperature=0),
+                                      SampleSettings(top_k=4), SampleSettings(top_p=0.7, temperature=1.3)],
+                         ids=["temperature", "greedy", "top-k", "top-p"])
+def test_numpy_and_torch_samplers_pick_the_same_characters(model, settings):
+    """One stream on the CPU goes through numpy; the PyTorch path must choose exactly as it does."""
+    from charlm.sample import NumpySampler, TorchSampler
+    ids = torch.tensor([VOCAB.encode("ab明").tolist()])
+    _, hidden = model(ids[:, :-1])
+    uniforms = torch.rand(200, 1, generator=torch.Generator().manual_seed(5))
+    numpy_ids = NumpySampler(model, hidden, ids[:, -1], settings).run(uniforms)
+    torch_ids = TorchSampler(model, hidden, ids[:, -1], settings).run(uniforms)
+    assert numpy_ids == torch_ids and len(set(numpy_ids[0])) > (1 if settings.temperature == 0 else 3)
