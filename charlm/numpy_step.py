@@ -56,8 +56,9 @@ class NumpyStepper:
         for weights in model.layer_weights():
             w_ih, w_hh, b_ih, b_hh = (as_array(w)[order] * (scale[:, None] if w.dim() == 2 else scale) for w in weights)
             self.layers.append((w_ih.T, w_hh.T, b_ih, b_hh))  # x @ w.T: BLAS reads a transposed view in place
-        w_ih0, _, b_ih0, _ = self.layers[0]
+        w_ih0, w_hh0, b_ih0, b_hh0 = self.layers[0]
         self.input_table = as_array(model.embedding.weight) @ w_ih0 + b_ih0
+        self.layers[0] = (None, w_hh0, None, b_hh0)  # the table replaces the first layer's input product
         head = as_array(model.head.weight)
         if model.projection is not None:
             head = head @ as_array(model.projection.weight)
