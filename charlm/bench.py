@@ -155,11 +155,10 @@ def training_profile(settings: BenchSettings, device: torch.device, precision: s
             step()
         sync(device)
     attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [event for event in prof.key_averages() if getattr(event, attribute) > 0]
-    total = sum(getattr(event, attribute) for event in events)
-    events.sort(key=lambda event: getattr(event, attribute), reverse=True)
-    return [{"op": event.key, "ms_per_step": getattr(event, attribute) / steps / 1e3,
-             "share": getattr(event, attribute) / total} for event in events[:rows]]
+    self_times = sorted(((getattr(event, attribute), event.key) for event in prof.key_averages()), reverse=True)
+    total = sum(micros for micros, _ in self_times)
+    return [{"op": op, "ms_per_step": micros / steps / 1e3, "share": micros / total}
+            for micros, op in self_times[:rows] if micros > 0]
 
 
 def evaluation_throughput(settings: BenchSettings, device: torch.device, precision: str, min_seconds: float) -> float:
