@@ -8,8 +8,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CharRNN": "model", "CharlmError": "errors", "Config": "config", "SampleSettings": "sample",
-    "evaluate": "evaluate", "generate": "sample", "load_config": "config", "load_model": "checkpoint", "train": "train",
+    "CharRNN": "model.charrnn", "CharlmError": "errors", "Config": "config", "SampleSettings": "sampling",
+    "evaluate": "evaluation", "generate": "sampling", "load_config": "config", "load_model": "model.checkpoint", "train": "training.loop",
 }
 __all__ = sorted(_EXPORTS)
 

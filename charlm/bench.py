@@ -25,12 +25,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .config import ModelConfig, TrainConfig
-from .data import Vocab
+from .data.vocab import Vocab
 from .device import cpu_has_fast_bf16, resolve_device, resolve_precision
-from .evaluate import evaluate
-from .model import CharRNN
-from .sample import SampleSettings, generate
-from .train import build_optimizer, optimizer_step
+from .evaluation import evaluate
+from .model.charrnn import CharRNN
+from .sampling import SampleSettings, generate
+from .training.loop import build_optimizer, optimizer_step
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 VOCAB_SIZE = 65  # Tiny Shakespeare's
@@ -197,7 +197,7 @@ def rss(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
     return 0
-from charlm.data import load_corpus
+from charlm.data.corpus import load_corpus
 base = rss('VmRSS:')
 start = time.perf_counter()
 corpus = load_corpus(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -84,9 +84,9 @@ def train(
     **overrides: Any,
 ) -> None:
     """Train a model on a text corpus (Tiny Shakespeare by default), with checkpoints in a run directory."""
-    from .checkpoint import load_checkpoint
+    from .model.checkpoint import load_checkpoint
     from .console import ConsoleReporter, console, eval_table
-    from .train import TrainingInterrupted, resume_checkpoint, train as run_training
+    from .training.loop import TrainingInterrupted, resume_checkpoint, train as run_training
 
     given = {key.replace("__", "."): value for key, value in overrides.items() if value is not None}
     if "data.dir" not in given and "CHARLM_DATA_DIR" in os.environ:
@@ -128,9 +128,9 @@ def sample(
     device: str = typer.Option("cpu", "--device", help="auto|cpu|cuda|mps"),
 ) -> None:
     """Generate text from a checkpoint, printed as it is produced."""
-    from .checkpoint import load_model
     from .device import resolve_device
-    from .sample import SampleSettings, generate
+    from .model.checkpoint import load_model
+    from .sampling import SampleSettings, generate
 
     settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, num_samples=num_samples)
@@ -156,10 +156,10 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
 ) -> None:
     """Loss (nats/char), bits per char and perplexity of a checkpoint."""
-    from .checkpoint import load_model
     from .console import eval_table
     from .device import resolve_device
-    from .evaluate import evaluate_checkpoint
+    from .evaluation import evaluate_checkpoint
+    from .model.checkpoint import load_model
 
     target = resolve_device(device)
     model, vocab, cfg, payload = load_model(checkpoint, target)
@@ -184,7 +184,7 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="file to write"),
 ) -> None:
     """Write a small inference-only checkpoint (fp16 weights, no optimizer state)."""
-    from .checkpoint import export_for_inference
+    from .model.checkpoint import export_for_inference
 
     path = export_for_inference(checkpoint, out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

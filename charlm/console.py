@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from .evaluate import EvalResult
-from .train import Reporter
+from .evaluation import EvalResult
+from .training.loop import Reporter
 
 console = Console(stderr=True, highlight=False)
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from charlm.data import StreamBatcher, Vocab, download, eval_windows, load_corpus
+from charlm.data.batches import StreamBatcher, eval_windows
+from charlm.data.corpus import download, load_corpus
+from charlm.data.vocab import Vocab
 from charlm.errors import CharlmError
 
 
@@ -143,7 +145,7 @@ def test_download_without_connection_says_what_to_do(tmp_path):
 
 
 def test_default_corpus_download_through_the_cli(tmp_path, served, cli, monkeypatch):
-    from charlm import data
+    from charlm.data import corpus as data
     body = b"small stand-in corpus " * 400
     monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(body).hexdigest())
     monkeypatch.setenv("CHARLM_SHAKESPEARE_URL", served(body).url)

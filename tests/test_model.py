@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from charlm.config import ModelConfig
-from charlm.model import CharRNN, per_layer, sequence_loss
-from charlm.numpy_step import NumpyStepper
+from charlm.model.charrnn import CharRNN, per_layer, sequence_loss
+from charlm.model.inference import NumpyStepper
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

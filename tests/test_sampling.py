@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from charlm.config import ModelConfig
-from charlm.data import Vocab
+from charlm.data.vocab import Vocab
 from charlm.errors import CharlmError
-from charlm.model import CharRNN
-from charlm.sample import SampleSettings, filter_probs, generate
+from charlm.model.charrnn import CharRNN
+from charlm.sampling import SampleSettings, filter_probs, generate
 
 VOCAB = Vocab("\nabcdefgh 明🌙")
 
@@ -41,7 +41,7 @@ def test_step_path_and_full_layer_path_give_the_same_text(model):
     """Sampling through nn.LSTM one character at a time picks the same characters."""
     settings = SampleSettings(length=40, seed=11)
     fast = generate(model, VOCAB, "ab", settings)[0]
-    from charlm.sample import choose
+    from charlm.sampling import choose
     uniforms = torch.rand(40, 1, generator=torch.Generator().manual_seed(11))
     ids = torch.tensor([VOCAB.encode("ab").tolist()])
     _, hidden = model(ids[:, :1])
@@ -86,7 +86,7 @@ def test_unknown_prime_characters_are_named(model):
                          ids=["temperature", "greedy", "top-k", "top-p"])
 def test_numpy_and_torch_samplers_pick_the_same_characters(model, settings):
     """One stream on the CPU goes through numpy; the PyTorch path must choose exactly as it does."""
-    from charlm.sample import NumpySampler, TorchSampler
+    from charlm.sampling import NumpySampler, TorchSampler
     ids = torch.tensor([VOCAB.encode("ab明").tolist()])
     _, hidden = model(ids[:, :-1])
     uniforms = torch.rand(200, 1, generator=torch.Generator().manual_seed(5))

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlm.checkpoint import load_checkpoint
+from charlm.model.checkpoint import load_checkpoint
 from charlm.config import load_config
 from charlm.errors import CharlmError
-from charlm.train import Trainer, train
+from charlm.training.loop import Trainer, train
 
 TINY_KEYS = {"model.layers": 1, "model.hidden_size": 32, "model.embedding_size": 16, "train.batch_size": 4,
              "train.seq_len": 16, "train.warmup_steps": 2, "train.eval_interval": 10, "train.eval_batches": 2,

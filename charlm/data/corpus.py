@@ -1,6 +1,6 @@
-"""Corpora: download, decode, encode to code-point ids, cache, split and batch.
+"""Corpora: download, decode, encode to code-point ids, cache and split.
 
-A vocabulary is the sorted set of Unicode code points of the corpus. Encoding is
+Encoding is
 done in chunks with numpy (no per-character Python loop), written straight into
 a memory-mapped ``.npy`` cache so a second run, or a corpus of hundreds of MB,
 starts at once and never needs the whole text in memory.
@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .errors import CharlmError
-from .files import atomic_write
+from ..config import DataConfig
+from ..errors import CharlmError
+from ..files import atomic_write
+from .vocab import MAX_CODE_POINT, Vocab, code_points
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
-MAX_CODE_POINT = 0x110000
 CHUNK_BYTES = 1 << 22
 CACHE_VERSION = 1
 
@@ -87,53 +87,6 @@ def open_corpus(config: DataConfig) -> "Corpus":
     path = Path(config.path) if config.path else default_corpus(config.dir)
     return load_corpus(path, config.dir, config.encoding_errors)
 
-
-# ----------------------------------------------------------------------------- vocabulary
-
-class Vocab:
-    """Maps characters (code points) to ids 0..size-1 and back."""
-
-    def __init__(self, chars: str):
-        if len(set(chars)) != len(chars) or not chars:
-            raise ValueError("a vocabulary needs distinct characters")
-        self.chars = chars
-        points = np.array([ord(c) for c in chars], dtype=np.int64)
-        self._lookup = np.full(MAX_CODE_POINT, -1, dtype=np.int32)
-        self._lookup[points] = np.arange(len(chars), dtype=np.int32)
-
-    def __len__(self) -> int:
-        return len(self.chars)
-
-    def __contains__(self, char: str) -> bool:
-        return self._lookup[ord(char)] >= 0
-
-    def unknown(self, text: str) -> list[str]:
-        """The distinct characters of ``text`` missing from the vocabulary, in order of appearance."""
-        points = code_points(text)
-        return list(dict.fromkeys(map(chr, points[self._lookup[points] < 0].tolist())))
-
-    def encode(self, text: str, skip_unknown: bool = False) -> np.ndarray:
-        ids = self._lookup[code_points(text)]
-        if (ids < 0).any():
-            if not skip_unknown:
-                raise KeyError(self.unknown(text))
-            ids = ids[ids >= 0]
-        return ids.astype(np.int64)
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[i] for i in ids)
-
-
-def code_points(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-
-
-def describe_chars(chars: list[str], limit: int = 10) -> str:
-    shown = ", ".join(repr(c) for c in chars[:limit])
-    return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
-
-
-# ----------------------------------------------------------------------------- encoding
 
 def iter_text_chunks(path: Path, errors: str):
     """Decode a UTF-8 file chunk by chunk, with one-line errors for bad input."""
@@ -235,75 +188,3 @@ def load_corpus(path: str | Path, cache_dir: str | Path, errors: str = "strict")
             tmp.unlink(missing_ok=True)
     vocab = Vocab(json.loads(vocab_file.read_text(encoding="utf-8"))["chars"])
     return Corpus(path=path, ids=np.load(ids_file, mmap_mode="r"), vocab=vocab)
-
-
-# ----------------------------------------------------------------------------- batching
-
-class StreamBatcher:
-    """Truncated-BPTT batches over ``batch_size`` contiguous streams of the data.
-
-    As in char-rnn, row b of every batch continues where row b of the previous
-    batch stopped, so the hidden state can be carried over. The position
-    (epoch, offset) and the generator fully determine the next batch, which is
-    what makes an exact resume possible.
-    """
-
-    def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int,
-                 random_seq_len: bool = False, generator: torch.Generator | None = None):
-        self.stream_len = (len(data) - 1) // batch_size
-        if self.stream_len < seq_len + 1:
-            raise ValueError("data too short")
-        usable = batch_size * self.stream_len
-        self.inputs = data[:usable].view(batch_size, self.stream_len)
-        self.targets = data[1:usable + 1].view(batch_size, self.stream_len)
-        self.seq_len = seq_len
-        self.random_seq_len = random_seq_len
-        self.generator = generator
-        self.epoch = 0
-        self.offset = 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.stream_len // self.seq_len
-
-    @property
-    def epochs_done(self) -> float:
-        return self.epoch + self.offset / self.stream_len
-
-    def next_length(self) -> int:
-        """AWD-LSTM style: usually around seq_len, sometimes around half of it."""
-        if not self.random_seq_len:
-            return self.seq_len
-        draw = torch.rand(2, generator=self.generator)
-        base = self.seq_len if draw[0] < 0.95 else self.seq_len / 2
-        length = int(round(base + 0.1 * self.seq_len * float(torch.randn(1, generator=self.generator))))
-        return max(self.seq_len // 4, min(length, 2 * self.seq_len, self.stream_len))
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(inputs, targets, new_epoch); ``new_epoch`` means: reset the hidden state."""
-        length = self.next_length()
-        new_epoch = False
-        if self.offset + length > self.stream_len:
-            self.epoch, self.offset, new_epoch = self.epoch + 1, 0, True
-        start = self.offset
-        self.offset += length
-        return self.inputs[:, start:self.offset], self.targets[:, start:self.offset], new_epoch or start == 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-
-
-def eval_windows(data: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = None):
-    """Contiguous evaluation windows over ``batch_size`` streams, for a hidden state carried along."""
-    streams = max(1, min(batch_size, (len(data) - 1) // seq_len))
-    stream_len = (len(data) - 1) // streams
-    inputs = data[: streams * stream_len].view(streams, stream_len)
-    targets = data[1: streams * stream_len + 1].view(streams, stream_len)
-    starts = range(0, stream_len, seq_len)
-    for i, start in enumerate(starts):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield inputs[:, start:start + seq_len], targets[:, start:start + seq_len]

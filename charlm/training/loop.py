@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, TrainConfig, parse_duration, to_toml
-from .data import StreamBatcher, open_corpus
-from .device import autocast, resolve_device, resolve_precision
-from .errors import CharlmError
-from .evaluate import EvalResult, evaluate
-from .model import CharRNN, detach_hidden, sequence_loss
+from ..config import Config, TrainConfig, parse_duration, to_toml
+from ..data.batches import StreamBatcher
+from ..data.corpus import open_corpus
+from ..device import autocast, resolve_device, resolve_precision
+from ..errors import CharlmError
+from ..evaluation import EvalResult, evaluate
+from ..model.charrnn import CharRNN, detach_hidden, sequence_loss
+from ..model.checkpoint import load_checkpoint, save_checkpoint
 
 
 class TrainingInterrupted(Exception):

@@ -16,10 +16,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import Vocab, describe_chars
+from .data.vocab import Vocab, describe_chars
 from .errors import CharlmError
-from .model import CharRNN, Hidden, per_layer
-from .numpy_step import NumpyStepper
+from .model.charrnn import CharRNN, Hidden, per_layer
+from .model.inference import NumpyStepper
 
 
 @dataclass

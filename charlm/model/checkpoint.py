@@ -16,16 +16,16 @@ from typing import Any
 
 import torch
 
-from .config import Config
-from .data import Vocab
-from .errors import CharlmError
-from .files import atomic_write
-from .model import CharRNN
+from ..config import Config
+from ..data.vocab import Vocab
+from ..errors import CharlmError
+from ..files import atomic_write
+from .charrnn import CharRNN
 
 FORMAT = "charlm-checkpoint"
 VERSION = 1
 PRETRAINED_NAME = "pretrained"
-PRETRAINED_PATH = Path(__file__).parent / "pretrained" / "shakespeare.pt"
+PRETRAINED_PATH = Path(__file__).parent.parent / "pretrained" / "shakespeare.pt"
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .data import describe_chars, eval_windows, iter_text_chunks, open_corpus
+from .data.batches import eval_windows
+from .data.corpus import iter_text_chunks, open_corpus
+from .data.vocab import describe_chars
 from .device import autocast, resolve_precision
 from .errors import CharlmError
-from .model import CharRNN, sequence_loss
+from .model.charrnn import CharRNN, sequence_loss
 
 # The validation text is read as 16 contiguous streams, the hidden state carried through each:
 # every stream starts cold once, so fewer streams measure the model more truly (one stream reads

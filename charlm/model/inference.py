@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .model import CharRNN, Hidden
+from .charrnn import CharRNN, Hidden
 
 
 def as_array(tensor: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Data: corpora on disk, their vocabulary, and the batches the model reads."""

@@ -1,0 +1,1 @@
+"""The model: the recurrent network, its inference weights, and checkpoints on disk."""
