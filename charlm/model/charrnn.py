@@ -9,7 +9,7 @@ the fused single-step cell kernels: the sampling path for batches and GPUs
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -150,10 +150,14 @@ def per_layer(hidden: Hidden) -> list:
     return list(hidden.unbind(0))
 
 
-def detach_hidden(hidden: Hidden) -> Hidden:
-    if isinstance(hidden, tuple):
-        return tuple(h.detach() for h in hidden)
-    return hidden.detach()
+def map_hidden(fn: Callable[[torch.Tensor], torch.Tensor], hidden: Hidden | None) -> Hidden | None:
+    """``fn`` applied to every tensor of a hidden state: an LSTM's (h, c) pair or an RNN's or GRU's one tensor.
+
+    The one place that knows the two shapes of a hidden state; None (no state yet) stays None.
+    """
+    if hidden is None:
+        return None
+    return tuple(fn(part) for part in hidden) if isinstance(hidden, tuple) else fn(hidden)
 
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -24,7 +24,7 @@ from ..data.corpus import open_corpus
 from ..device import autocast, resolve_device, resolve_precision
 from ..errors import CharlmError
 from ..evaluation import EvalResult, evaluate
-from ..model.charrnn import CharRNN, detach_hidden, sequence_loss
+from ..model.charrnn import CharRNN, map_hidden, sequence_loss
 from ..model.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -126,7 +126,7 @@ def optimizer_step(model: CharRNN, optimizer: torch.optim.Optimizer, inputs: tor
         return None, None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, detach_hidden(hidden)
+    return loss_value, map_hidden(torch.Tensor.detach, hidden)
 
 
 class Trainer:
@@ -189,7 +189,7 @@ class Trainer:
             "schedule": {"step": self.step, "elapsed": self.elapsed, "warmup_steps": self.config.train.warmup_steps},
             "step": self.step,
             "data": self.batcher.state_dict(),
-            "hidden": None if hidden is None else tuple(h.cpu() for h in hidden) if isinstance(hidden, tuple) else hidden.cpu(),
+            "hidden": map_hidden(torch.Tensor.cpu, hidden),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "data": self.data_generator.get_state(),
@@ -205,10 +205,7 @@ class Trainer:
         self.elapsed = float(checkpoint["schedule"]["elapsed"])
         self.best_val_loss = float(checkpoint["best_val_loss"])
         self.batcher.load_state_dict(checkpoint["data"])
-        hidden = checkpoint["hidden"]
-        if hidden is not None:
-            hidden = tuple(h.to(self.device) for h in hidden) if isinstance(hidden, tuple) else hidden.to(self.device)
-        self.hidden = hidden
+        self.hidden = map_hidden(lambda h: h.to(self.device), checkpoint["hidden"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         self.data_generator.set_state(checkpoint["rng"]["data"])
         if checkpoint["rng"]["cuda"] is not None and self.device.type == "cuda":
