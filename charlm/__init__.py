@@ -5,11 +5,14 @@ The public names are imported on first use, so ``charlm --help`` does not wait f
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
+# Public name -> the module that defines it. No submodule shares a public name, so importing
+# charlm.training or charlm.evaluation never hides the function charlm.train or charlm.evaluate.
 _EXPORTS = {
     "CharRNN": "model.charrnn", "CharlmError": "errors", "Config": "config", "SampleSettings": "sampling",
-    "evaluate": "evaluation", "generate": "sampling", "load_config": "config", "load_model": "model.checkpoint", "train": "training.loop",
+    "evaluate": "evaluation", "finetune_config": "training.runs", "generate": "sampling", "load_config": "config",
+    "load_model": "model.checkpoint", "resume": "training.runs", "train": "training.runs",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -24,34 +24,45 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .config import ModelConfig, TrainConfig
+from .config import Config, ModelConfig, bench_config
 from .data.vocab import Vocab
 from .device import cpu_has_fast_bf16, resolve_device, resolve_precision
-from .evaluation import evaluate
+from .evaluation import mean_loss
 from .model.charrnn import CharRNN
 from .sampling import SampleSettings, generate
-from .training.loop import build_optimizer, optimizer_step
+from .training.loop import optimizer_step
+from .training.setup import build_optimizer
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
 
-def plain_model(cell: str = "lstm", layers: int = 2, hidden_size: int = 512, embedding_size: int = 128) -> ModelConfig:
-    """The benchmarked shape without regularisation or tying, whatever the training defaults are."""
-    return ModelConfig(cell=cell, layers=layers, hidden_size=hidden_size, embedding_size=embedding_size,
-                       dropout=0.0, output_dropout=0.0, embedding_dropout=0.0, weight_drop=0.0, tie_weights=False)
-
-
 @dataclass
 class BenchSettings:
-    model: ModelConfig = field(default_factory=plain_model)
-    batch_size: int = 64
-    seq_len: int = 128
-    precision: str = "auto"
-    device: str = "auto"
+    config: Config = field(default_factory=bench_config)  # the model and batch shape to measure, device, precision
     fast: bool = False
     corpus_mb: int = 100
     profile: bool = False
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.config.model
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.train.batch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.train.seq_len
+
+    @property
+    def precision(self) -> str:
+        return self.config.train.precision
+
+    @property
+    def device(self) -> str:
+        return self.config.train.device
 
 
 def forward_flops_per_char(config: ModelConfig, vocab_size: int) -> int:
@@ -109,7 +120,7 @@ def training_step(settings: BenchSettings, device: torch.device, precision: str)
     """One whole training step (forward, loss, backward, clipping, AdamW) on random characters."""
     torch.manual_seed(0)
     model = CharRNN(VOCAB_SIZE, settings.model).to(device).train()
-    optimizer = build_optimizer(model, TrainConfig())
+    optimizer = build_optimizer(model, settings.config.train)
     inputs = torch.randint(0, VOCAB_SIZE, (settings.batch_size, settings.seq_len), device=device)
     targets = torch.randint(0, VOCAB_SIZE, (settings.batch_size, settings.seq_len), device=device)
     state = {"hidden": None}
@@ -165,7 +176,7 @@ def evaluation_throughput(settings: BenchSettings, device: torch.device, precisi
     model = CharRNN(VOCAB_SIZE, settings.model).to(device)
     streams = 64  # large batches: throughput, not the few long streams charlm eval reads for accuracy
     data = torch.randint(0, VOCAB_SIZE, (streams * 256 * (2 if settings.fast else 8) + 1,), device=device)
-    seconds = timed(lambda: evaluate(model, data, device, precision, batch_size=streams), device, min_seconds)
+    seconds = timed(lambda: mean_loss(model, data, device, precision, batch_size=streams), device, min_seconds)
     return (len(data) - 1) / seconds
 
 

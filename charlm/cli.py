@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -21,7 +20,7 @@ try:  # typer vendors click from 0.2x on; older releases use the click package
 except ImportError:
     from click import exceptions as click_errors
 
-from .config import Config, all_keys, load_config, set_value
+from .config import Config, all_keys, bench_config, load_config
 from .errors import CharlmError
 
 app = typer.Typer(
@@ -29,90 +28,79 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-# Keys common enough to deserve a short option of their own.
-SHORT_OPTIONS = {
+# Keys common enough to deserve a short option of their own in `charlm train`.
+TRAIN_SHORT_OPTIONS = {
     "data.path": "--data", "data.dir": "--data-dir", "train.out": "--out", "train.device": "--device",
     "train.max_time": "--max-time", "train.max_steps": "--max-steps", "train.max_epochs": "--max-epochs",
     "train.seed": "--seed",
 }
+# The keys `charlm bench` measures with, each also under its field's name (--cell, --batch-size).
+BENCH_KEYS = [key for key in all_keys() if key.startswith("model.")] + [
+    "train.batch_size", "train.seq_len", "train.precision", "train.device"]
 
 
-def option_names(key: str, kind: type) -> list[str]:
-    """Every key is ``--section.key``; a common one also answers to its short option."""
+def option_names(key: str, kind: type, short: str | None) -> list[str]:
+    """Every key is ``--section.key``; ``short`` is another name for it."""
     name = "--" + key.replace("_", "-")
     if kind is bool:  # a flag pair: --model.tie-weights / --model.no-tie-weights
         section, field = name[2:].split(".")
         return [f"{name}/--{section}.no-{field}"]
-    return [SHORT_OPTIONS[key], name] if key in SHORT_OPTIONS else [name]
+    return [short, name] if short else [name]
 
 
-def with_config_options(func):
-    """Add one typer option per config key (default None: 'keep the config file's value')."""
-    signature = inspect.signature(func)
-    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    for key, (kind, default, help_text) in all_keys().items():
-        params.append(inspect.Parameter(
-            key.replace(".", "__"), inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
-            default=typer.Option(None, *option_names(key, kind), help=f"{help_text} [default: {default!r}]", show_default=False),
-        ))
-    func.__signature__ = signature.replace(parameters=params)
-    return func
+def with_config_options(keys: list[str] | None = None, short: dict[str, str] | None = None, defaults: Config | None = None):
+    """Add one typer option per config key (default None: 'keep the config's value'), with the help
+    text and type of its dataclass field and the default ``defaults`` (the built-in config) gives it."""
+    def decorate(func):
+        signature = inspect.signature(func)
+        params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        shown = (defaults or Config()).flat()
+        for key, (kind, _, help_text) in all_keys().items():
+            if keys is not None and key not in keys:
+                continue
+            params.append(inspect.Parameter(
+                key.replace(".", "__"), inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
+                default=typer.Option(None, *option_names(key, kind, (short or {}).get(key)),
+                                     help=f"{help_text} [default: {shown[key]!r}]", show_default=False),
+            ))
+        func.__signature__ = signature.replace(parameters=params)
+        return func
+    return decorate
 
 
-def resolve_config_file(name: str | None) -> Path | None:
-    """A path, or a bundled config's name ('tiny' -> configs/tiny.toml); None for the built-in defaults."""
-    if name is None:
-        default = Path("configs/shakespeare.toml")
-        if default.is_file():
-            return default
-        bundled = CONFIG_DIR / "shakespeare.toml"
-        return bundled if bundled.is_file() else None
-    for candidate in (Path(name), Path("configs") / f"{name}.toml", CONFIG_DIR / f"{name}.toml", CONFIG_DIR / name):
-        if candidate.is_file():
-            return candidate
-    raise CharlmError(f"config file {name} not found; give a path or one of: "
-                      + ", ".join(p.stem for p in sorted(CONFIG_DIR.glob("*.toml"))))
+def given_options(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The config keys given on the command line, by their dotted names."""
+    return {key.replace("__", "."): value for key, value in overrides.items() if value is not None}
 
 
 @app.command(no_args_is_help=False)
-@with_config_options
+@with_config_options(short=TRAIN_SHORT_OPTIONS)
 def train(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file, or the name of one in configs/ (e.g. tiny) [default: configs/shakespeare.toml]", show_default=False),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory from its last.pt (its saved config, plus any options given here)"),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file, or the name of a bundled one (shakespeare, quick, tiny, pretrained) [default: the built-in defaults, which equal shakespeare]", show_default=False),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory from its last.pt, with its saved config; options such as --max-steps may change how long it trains, never the model or the data"),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="start a new run (--out) from the weights of this run directory, checkpoint or 'pretrained': fine-tuning, with a fresh optimizer and schedule", show_default=False),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     **overrides: Any,
 ) -> None:
     """Train a model on a text corpus (Tiny Shakespeare by default), with checkpoints in a run directory."""
-    from .model.checkpoint import load_checkpoint
-    from .console import ConsoleReporter, console, eval_table
-    from .training.loop import TrainingInterrupted, resume_checkpoint, train as run_training
+    from .console import ConsoleReporter, console
+    from .training.loop import TrainingInterrupted
+    from .training.runs import finetune_config, resume as resume_run, train as train_run
 
-    given = {key.replace("__", "."): value for key, value in overrides.items() if value is not None}
-    if "data.dir" not in given and "CHARLM_DATA_DIR" in os.environ:
-        given["data.dir"] = os.environ["CHARLM_DATA_DIR"]
-    checkpoint = None
-    if resume is not None:
-        last = resume_checkpoint(resume)
-        checkpoint = load_checkpoint(last)
-        cfg = Config.from_dict(checkpoint["config"], source=str(last))
-        cfg = load_config(None, {**flatten(cfg), **given, "train.out": str(resume)})
-    else:
-        cfg = load_config(resolve_config_file(config), given)
+    given, reporter = given_options(overrides), ConsoleReporter(quiet)
     try:
-        result = run_training(cfg, resume=resume is not None, reporter=ConsoleReporter(quiet), checkpoint=checkpoint)
+        if resume is not None:
+            if config is not None or init_from is not None:
+                raise CharlmError("--resume continues a run with its saved config: it takes no --config or --init-from; "
+                                  "start a new run with --out for those")
+            resume_run(resume, given, reporter=reporter)
+        elif init_from is not None:
+            train_run(finetune_config(init_from, config, given), init_from=init_from, reporter=reporter)
+        else:
+            train_run(load_config(config, given), reporter=reporter)
     except TrainingInterrupted as stop:
         console.print(f"[bold yellow]{stop}[/]: saved {stop.checkpoint}; continue with: charlm train --resume {stop.checkpoint.parent}", soft_wrap=True)
         raise typer.Exit(stop.exit_code)
-    console.print(eval_table(
-        f"final evaluation, full validation split (step {result.step:,}, {result.epochs:.2f} epochs, "
-        f"{result.elapsed:.0f}s, stopped by {result.stopped_by})", result.final,
-        {"best periodic val loss": f"{result.best_val_loss:.4f}", "run": str(result.run_dir)},
-    ))
-
-
-def flatten(config: Config) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
 
 
 @app.command()
@@ -157,22 +145,16 @@ def evaluate_command(
 ) -> None:
     """Loss (nats/char), bits per char and perplexity of a checkpoint."""
     from .console import eval_table
-    from .device import resolve_device
-    from .evaluation import evaluate_checkpoint
-    from .model.checkpoint import load_model
+    from .evaluation import evaluate
 
-    target = resolve_device(device)
-    model, vocab, cfg, payload = load_model(checkpoint, target)
-    if data_dir is not None or "CHARLM_DATA_DIR" in os.environ:
-        cfg.data.dir = data_dir if data_dir is not None else os.environ["CHARLM_DATA_DIR"]
-    report = evaluate_checkpoint(model, vocab, cfg, target, data, skip_unknown)
+    report = evaluate(checkpoint, data, device=device, data_dir=data_dir, skip_unknown=skip_unknown)
     if as_json:
-        print(json.dumps({"checkpoint": payload["path"], "data": report.source, "skipped_chars": report.skipped,
-                          "step": payload.get("step"), **report.result.to_dict()}))
+        print(json.dumps({"checkpoint": report.checkpoint, "data": report.source, "skipped_chars": report.skipped,
+                          "step": report.step, **report.result.to_dict()}))
         return
     from rich.console import Console
 
-    extra = {"checkpoint": payload["path"], "data": report.source}
+    extra = {"checkpoint": report.checkpoint, "data": report.source}
     if report.skipped:
         extra["unknown characters skipped"] = f"{report.skipped:,}"
     Console().print(eval_table("charlm eval", report.result, extra))
@@ -198,39 +180,29 @@ def plot(
     title: Optional[str] = typer.Option(None, "--title", help="title above the plot", show_default=False),
 ) -> None:
     """Draw validation and training loss curves of runs to a PNG (needs: pip install 'charlm[plot]')."""
-    from .plot import plot_runs, read_metrics
+    from .plot import plot_runs, run_curves
 
-    path = plot_runs([read_metrics(run) for run in runs], out, x_axis, title)
+    path = plot_runs([run_curves(run) for run in runs], out, x_axis, title)
     print(f"wrote {path}")
 
 
 @app.command()
+@with_config_options(keys=BENCH_KEYS, short={key: "--" + key.split(".")[1].replace("_", "-") for key in BENCH_KEYS},
+                     defaults=bench_config())
 def bench(
-    cell: str = typer.Option("lstm", "--cell", help="rnn|lstm|gru"),
-    layers: int = typer.Option(2, "--layers", help="recurrent layers"),
-    hidden_size: int = typer.Option(512, "--hidden-size", help="units per layer"),
-    embedding_size: int = typer.Option(128, "--embedding-size", help="embedding width"),
-    batch_size: int = typer.Option(64, "--batch-size", help="training batch (streams)"),
-    seq_len: int = typer.Option(128, "--seq-len", help="training sequence length"),
-    precision: str = typer.Option("auto", "--precision", help="auto|fp32|bf16"),
-    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
     corpus_mb: int = typer.Option(100, "--corpus-mb", help="size of the generated corpus for the encoding test"),
     fast: bool = typer.Option(False, "--fast", help="tiny sizes and short timings: checks that everything runs"),
     profile: bool = typer.Option(False, "--profile", help="also show where a training step's time goes (PyTorch profiler)"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+    **overrides: Any,
 ) -> None:
     """Measure matmul peak, training/eval/sampling throughput, corpus encoding speed and peak memory."""
-    from .bench import BenchSettings, plain_model, run_bench, to_json
+    from .bench import BenchSettings, run_bench, to_json
 
-    checked = Config()
-    set_value(checked, "model.cell", cell, "--cell")
-    set_value(checked, "train.precision", precision, "--precision")
-    for name, value in {"--layers": layers, "--hidden-size": hidden_size, "--embedding-size": embedding_size,
-                        "--batch-size": batch_size, "--seq-len": seq_len, "--corpus-mb": corpus_mb}.items():
-        if value < 1:
-            raise CharlmError(f"{name} must be at least 1, got {value}")
-    settings = BenchSettings(model=plain_model(cell, layers, hidden_size, embedding_size), batch_size=batch_size, seq_len=seq_len, precision=precision,
-                             device=device, fast=fast, corpus_mb=corpus_mb, profile=profile)
+    if corpus_mb < 1:
+        raise CharlmError(f"--corpus-mb must be at least 1, got {corpus_mb}")
+    config = load_config(base=bench_config().to_dict(), overrides=given_options(overrides))
+    settings = BenchSettings(config=config, fast=fast, corpus_mb=corpus_mb, profile=profile)
     if as_json:
         print(to_json(run_bench(settings)))
         return

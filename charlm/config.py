@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -24,6 +27,7 @@ class DataConfig:
     dir: str = field(default="data", metadata={"help": "cache directory for downloaded and encoded corpora (env CHARLM_DATA_DIR)"})
     val_fraction: float = field(default=0.1, metadata={"help": "fraction of the corpus held out for validation (taken from the end)"})
     encoding_errors: str = field(default="strict", metadata={"help": "how to treat bytes that are not UTF-8: strict|replace|ignore"})
+    skip_unknown: bool = field(default=False, metadata={"help": "with --init-from: leave out characters the model's vocabulary lacks (counted in the summary)"})
 
 
 @dataclass
@@ -74,11 +78,25 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
+    def flat(self) -> dict[str, Any]:
+        """Every value by its dotted key ('model.cell': 'lstm', ...)."""
+        return {f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":
         config = cls()
         apply_tree(config, values, source)
         return config
+
+
+def bench_config() -> Config:
+    """What ``charlm bench`` measures unless told otherwise: a 2x512 LSTM with 128-wide embeddings,
+    no regularisation or tying, 64 streams of 128 characters (the shape of docs/BENCHMARKS.md)."""
+    return Config(
+        model=ModelConfig(cell="lstm", layers=2, hidden_size=512, embedding_size=128, dropout=0.0, output_dropout=0.0,
+                          embedding_dropout=0.0, weight_drop=0.0, tie_weights=False),
+        train=TrainConfig(batch_size=64, seq_len=128),
+    )
 
 
 CHOICES = {
@@ -162,19 +180,38 @@ def apply_tree(config: Config, values: dict[str, Any], source: str, prefix: str 
             set_value(config, key, value, source)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the TOML file, then the overrides, then validation."""
-    config = Config()
+def bundled_configs() -> dict[str, Traversable]:
+    """The configs that ship inside the package (the repository's configs/), by name."""
+    folder = importlib.resources.files("charlm.configs")
+    return {entry.name.removesuffix(".toml"): entry for entry in folder.iterdir() if entry.name.endswith(".toml")}
+
+
+def config_file(name: str | Path) -> Path | Traversable:
+    """A TOML file's path, or the name of a bundled config ('quick' or 'quick.toml')."""
+    if Path(name).is_file():
+        return Path(name)
+    bundled = bundled_configs()
+    stem = str(name).removesuffix(".toml")
+    if stem in bundled:
+        return bundled[stem]
+    raise CharlmError(f"config file {name} not found; give a path or one of the bundled configs: {', '.join(sorted(bundled))}")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """The built-in defaults (or ``base``, a saved config), then the TOML file (a path or a bundled
+    config's name), then ``CHARLM_DATA_DIR``, then the overrides ({'model.cell': 'gru'}), then validation."""
+    config = Config.from_dict(base, "the saved config") if base is not None else Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise CharlmError(f"config file {path} not found; the bundled ones are in configs/")
+        source = config_file(path)
         try:
-            with path.open("rb") as fh:
-                apply_tree(config, tomllib.load(fh), str(path))
+            apply_tree(config, tomllib.loads(source.read_text(encoding="utf-8")), str(path))
         except tomllib.TOMLDecodeError as err:
             raise CharlmError(f"config file {path} is not valid TOML: {err}") from None
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    if "CHARLM_DATA_DIR" in os.environ:
+        overrides.setdefault("data.dir", os.environ["CHARLM_DATA_DIR"])
+    for key, value in overrides.items():
         set_value(config, key, value, "the command line")
     validate(config)
     return config

@@ -10,7 +10,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from .evaluation import EvalResult
-from .training.loop import Reporter
+from .training.loop import Reporter, TrainResult
 
 console = Console(stderr=True, highlight=False)
 
@@ -35,8 +35,19 @@ def eval_table(title: str, result: EvalResult, extra: dict[str, Any] | None = No
     return table
 
 
+def duration(seconds: float) -> str:
+    """'42s', '3m05s', '1h02m'."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class ConsoleReporter(Reporter):
-    """Summary table at the start, a tqdm bar with loss, lr and chars/s, validation lines as they come."""
+    """Summary table at the start, a tqdm bar with loss, lr, chars/s and the time left (evaluations
+    included), validation lines as they come, the final evaluation's table at the end."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
@@ -44,18 +55,20 @@ class ConsoleReporter(Reporter):
 
     def start(self, summary: dict[str, Any]) -> None:
         console.print(key_value_table("charlm train", summary))
+        # tqdm's own time-left counts steps only; the postfix carries the budget's, evaluations included.
         self.bar = tqdm(total=None, unit="step", dynamic_ncols=True, disable=self.quiet, file=sys.stderr,
-                        initial=0, leave=True)
+                        initial=0, leave=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]")
 
-    def progress(self, step: int, total: int | None, metrics: dict[str, float]) -> None:
+    def progress(self, step: int, total: int | None, metrics: dict[str, float], seconds_left: float | None) -> None:
         if self.bar is None:
             return
         if total is not None and self.bar.total != total:
             self.bar.total = total
         self.bar.n = step
+        left = f" left {duration(seconds_left)}" if seconds_left is not None else ""
         self.bar.set_postfix_str(
             f"loss {metrics['loss']:.3f} lr {metrics['lr']:.1e} {metrics['chars_per_sec']:,.0f} chars/s "
-            f"epoch {metrics['epoch']:.2f}", refresh=True)
+            f"epoch {metrics['epoch']:.2f}{left}", refresh=True)
 
     def evaluated(self, step: int, val_loss: float, is_best: bool) -> None:
         self.note(f"step {step}: validation loss {val_loss:.4f}" + (" (best so far, saved best.pt)" if is_best else ""))
@@ -70,6 +83,13 @@ class ConsoleReporter(Reporter):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def finished(self, result: TrainResult) -> None:
+        console.print(eval_table(
+            f"final evaluation, full validation split (step {result.step:,}, {result.epochs:.2f} epochs, "
+            f"{result.elapsed:.0f}s, stopped by {result.stopped_by})", result.final,
+            {"best periodic val loss": f"{result.best_val_loss:.4f}", "run": str(result.run_dir)},
+        ))
 
 
 def bench_line(name: str, value: dict[str, Any]) -> str:

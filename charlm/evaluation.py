@@ -8,16 +8,18 @@ from pathlib import Path
 
 import torch
 
+from .config import load_config
 from .data.batches import eval_windows
-from .data.corpus import iter_text_chunks, open_corpus
-from .data.vocab import describe_chars
-from .device import autocast, resolve_precision
+from .data.corpus import iter_text_chunks
+from .data.vocab import Vocab, unknown_characters
+from .device import autocast, resolve_device, resolve_precision
 from .errors import CharlmError
 from .model.charrnn import CharRNN, sequence_loss
+from .model.checkpoint import LoadedModel, load_model, training_corpus
 
 # The validation text is read as 16 contiguous streams, the hidden state carried through each:
-# every stream starts cold once, so fewer streams measure the model more truly (one stream reads
-# ~0.001 nats lower than 16 on Tiny Shakespeare, 64 streams ~0.005 higher) but run slower.
+# every stream starts cold once, so fewer streams measure the model more truly but run slower
+# (docs/RESULTS.md has the measured difference).
 EVAL_BATCH = 16
 EVAL_SEQ_LEN = 256
 
@@ -40,9 +42,9 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: CharRNN, data: torch.Tensor, device: torch.device, precision: str = "fp32",
-             max_batches: int | None = None, batch_size: int = EVAL_BATCH, seq_len: int = EVAL_SEQ_LEN) -> EvalResult:
-    """Mean loss over contiguous windows of ``data``, the hidden state carried from window to window."""
+def mean_loss(model: CharRNN, data: torch.Tensor, device: torch.device, precision: str = "fp32",
+              max_batches: int | None = None, batch_size: int = EVAL_BATCH, seq_len: int = EVAL_SEQ_LEN) -> EvalResult:
+    """Mean loss over contiguous windows of ``data`` (at least 2 ids), the hidden state carried from window to window."""
     was_training = model.training
     model.eval()
     total, count, hidden = torch.zeros((), device=device), 0, None
@@ -53,39 +55,45 @@ def evaluate(model: CharRNN, data: torch.Tensor, device: torch.device, precision
         total += sequence_loss(logits, targets, reduction="sum")
         count += targets.numel()
     model.train(was_training)
-    if count == 0:
-        raise ValueError("no evaluation windows: the text is too short")
     return EvalResult(loss=float(total) / count, chars=count)
 
 
 @dataclass
 class TextEvaluation:
+    """What ``charlm eval`` reports: the result, which checkpoint, on what text, and what was left out."""
+
     result: EvalResult
+    checkpoint: str
+    step: int | None
     source: str
     skipped: int
 
 
-def evaluate_checkpoint(model: CharRNN, vocab, config, device: torch.device, data: str | Path | None = None,
-                        skip_unknown: bool = False, encoding_errors: str = "strict") -> TextEvaluation:
-    """Evaluate on ``data`` (a whole text file) or, without it, on the validation split of the training corpus."""
-    precision = resolve_precision("auto", device)
+def text_ids(path: str | Path, vocab: Vocab, skip_unknown: bool) -> tuple[torch.Tensor, int]:
+    """A whole text file as ids of ``vocab``, and how many characters were left out as unknown."""
+    path = Path(path)
+    text = "".join(iter_text_chunks(path, "strict"))
+    missing = vocab.unknown(text)
+    if missing and not skip_unknown:
+        raise unknown_characters(str(path), missing, "pass --skip-unknown to leave them out")
+    encoded = vocab.encode(text, skip_unknown=True)
+    return torch.from_numpy(encoded), len(text) - len(encoded)
+
+
+def evaluate(checkpoint: str | Path | LoadedModel | None = None, data: str | Path | None = None, *,
+             device: str = "auto", data_dir: str | None = None, skip_unknown: bool = False) -> TextEvaluation:
+    """Loss of a checkpoint (a file, a run directory, 'pretrained' or None for the bundled model, or a
+    ``load_model`` result) on ``data`` (a whole text file) or, without it, on the validation split of
+    the corpus it was trained on (found under ``data_dir`` when given)."""
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, resolve_device(device))
+    target = next(loaded.model.parameters()).device
     if data is None:
-        corpus = open_corpus(config.data)
-        if corpus.vocab.chars != vocab.chars:
-            raise CharlmError(f"{corpus.path} is not the corpus this model was trained on; pass --data FILE")
-        _, val = corpus.split(config.data.val_fraction)
-        source, ids, skipped = f"{corpus.path} (validation split)", val, 0
+        config = loaded.config if data_dir is None else load_config(base=loaded.config.to_dict(), overrides={"data.dir": data_dir})
+        corpus = training_corpus(config, loaded.checkpoint, loaded.checkpoint["path"], "pass --data FILE to evaluate on another text")
+        ids, source, skipped = corpus.split(config.data.val_fraction)[1], f"{corpus.path} (validation split)", 0
     else:
-        path = Path(data)
-        text = "".join(iter_text_chunks(path, encoding_errors))
-        missing = vocab.unknown(text)
-        if missing and not skip_unknown:
-            raise CharlmError(
-                f"{path} has characters the model never saw: {describe_chars(missing)}; "
-                "pass --skip-unknown to leave them out"
-            )
-        encoded = vocab.encode(text, skip_unknown=True)
-        source, ids, skipped = str(path), torch.from_numpy(encoded), len(text) - len(encoded)
+        (ids, skipped), source = text_ids(data, loaded.vocab, skip_unknown), str(data)
     if len(ids) < 2:
         raise CharlmError(f"{source} is too short to evaluate (it needs at least 2 known characters)")
-    return TextEvaluation(evaluate(model, ids.to(device), device, precision), source, skipped)
+    result = mean_loss(loaded.model, ids.to(target), target, resolve_precision("auto", target))
+    return TextEvaluation(result, loaded.checkpoint["path"], loaded.checkpoint.get("step"), source, skipped)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CharlmError
 from .files import atomic_write
+from .training.metrics import RunMetrics, read_metrics
 
 # What the x axis can show, and how to read it from a metrics record.
 X_AXES = {
@@ -16,45 +15,15 @@ X_AXES = {
 }
 
 
-@dataclass
-class RunCurves:
-    """The points of one run: training loss (logged every few steps) and validation loss."""
-    name: str
-    train: list[dict] = field(default_factory=list)
-    val: list[dict] = field(default_factory=list)
-    final_val_loss: float | None = None
+def run_curves(run: str | Path) -> RunMetrics:
+    """A run's metrics, refused in one line when there is nothing to draw yet."""
+    metrics = read_metrics(run)
+    if not metrics.train and not metrics.val:
+        raise CharlmError(f"{run} holds no loss records yet")
+    return metrics
 
 
-def read_metrics(run_dir: str | Path) -> RunCurves:
-    """Parse a run's metrics.jsonl; a line cut short by a crash is skipped, not fatal."""
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
-    if not path.is_file():
-        raise CharlmError(f"{run_dir} has no metrics.jsonl; give a run directory made by charlm train")
-    curves = RunCurves(name=(path.parent if path.name == "metrics.jsonl" else path).name)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CharlmError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or "step" not in record or "elapsed" not in record:
-            continue
-        if "loss" in record:
-            curves.train.append(record)
-        elif "val_loss" in record:
-            curves.val.append(record)
-        elif "final_val_loss" in record:
-            curves.final_val_loss = record["final_val_loss"]
-    if not curves.train and not curves.val:
-        raise CharlmError(f"{path} holds no loss records yet")
-    return curves
-
-
-def plot_runs(runs: list[RunCurves], out: str | Path, x_axis: str = "time", title: str | None = None) -> Path:
+def plot_runs(runs: list[RunMetrics], out: str | Path, x_axis: str = "time", title: str | None = None) -> Path:
     """Validation loss (solid, with markers) and training loss (faint) of each run against ``x_axis``."""
     if x_axis not in X_AXES:
         raise CharlmError(f"--x must be one of {', '.join(X_AXES)}, got '{x_axis}'")

@@ -6,17 +6,42 @@ import pytest
 import torch
 
 from charlm.cli import main
+from charlm.config import Config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE_MIRROR = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# A tiny, fast model for every test that trains through the CLI.
-TINY = ["--model.layers", "1", "--model.hidden-size", "32", "--model.embedding-size", "16",
-        "--train.batch-size", "4", "--train.seq-len", "16", "--train.warmup-steps", "2",
-        "--train.eval-interval", "10", "--train.eval-batches", "2", "--train.checkpoint-interval", "10",
-        "--train.log-interval", "5", "--quiet"]
+# The tiny, fast model of every test that trains: as config keys for the library, as options for the CLI.
+TINY_KEYS = {"model.layers": 1, "model.hidden_size": 32, "model.embedding_size": 16, "train.batch_size": 4,
+             "train.seq_len": 16, "train.warmup_steps": 2, "train.eval_interval": 10, "train.eval_batches": 2,
+             "train.checkpoint_interval": 10, "train.log_interval": 5}
+TINY_OPTIONS = [arg for key, value in TINY_KEYS.items() for arg in ("--" + key.replace("_", "-"), str(value))]
+TINY = [*TINY_OPTIONS, "--quiet"]
+
+
+@pytest.fixture
+def tiny_config(tmp_path, ascii_corpus):
+    """tiny_config(out, **keys): the tiny model on the ASCII corpus (or ``data.path``), into ``out``."""
+    def make(out: str | Path = "run", **keys) -> Config:
+        return load_config(None, {**TINY_KEYS, "data.path": str(ascii_corpus), "train.out": str(tmp_path / out), **keys})
+    return make
+
+
+def one_line_error(code, err, *fragments):
+    """What every refused input must give: a non-zero exit and one 'charlm: error:' line naming ``fragments``."""
+    assert code not in (0, None)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("charlm: error:"), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` by relative path, with its bytes: to show nothing was changed."""
+    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
 @pytest.fixture(autouse=True)

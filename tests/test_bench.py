@@ -1,13 +1,12 @@
 import json
 
 from charlm.bench import forward_flops_per_char
-from charlm.bench import plain_model
-from charlm.config import ModelConfig
+from charlm.config import ModelConfig, bench_config
 
 
 def test_flop_count_from_the_shape():
     # LSTM 2x512, embedding 128, 65 characters: 2*4*512*(128+512) + 2*4*512*1024 + 2*512*65
-    assert forward_flops_per_char(plain_model(), 65) == 2_621_440 + 4_194_304 + 66_560
+    assert forward_flops_per_char(bench_config().model, 65) == 2_621_440 + 4_194_304 + 66_560
     assert forward_flops_per_char(ModelConfig(cell="gru", layers=1, hidden_size=10, embedding_size=10, tie_weights=True), 7) == 2 * 3 * 10 * 20 + 2 * 10 * 7
 
 

@@ -10,16 +10,7 @@ import torch
 
 from charlm import files as files_module
 from charlm.device import cpu_has_fast_bf16
-from tests.conftest import TINY
-
-
-def one_line_error(code, err, *fragments):
-    assert code not in (0, None)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("charlm: error:"), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from tests.conftest import TINY, one_line_error
 
 
 @pytest.fixture
@@ -203,11 +194,11 @@ def test_truncated_corrupt_and_foreign_files(cli, trained, tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(3)}}, foreign)
     future = tmp_path / "future.pt"
-    torch.save({"format": "charlm-checkpoint", "version": 99}, future)
+    torch.save({"format": "charlm-checkpoint", "version": 99, "charlm_version": "9.1.0"}, future)
     one_line_error(*cli("sample", truncated)[::2], str(truncated))
     one_line_error(*cli("eval", garbage)[::2], str(garbage))
     one_line_error(*cli("sample", foreign)[::2], "not a charlm checkpoint")
-    one_line_error(*cli("sample", future)[::2], "version 99")
+    one_line_error(*cli("sample", future)[::2], "written by charlm 9.1.0 in checkpoint format 99", "upgrade charlm")
     one_line_error(*cli("sample", tmp_path / "missing.pt")[::2], "not found")
 
 

@@ -52,6 +52,7 @@ def test_durations():
         parse_duration("soon")
 
 
-def test_default_config_file_is_the_builtin_default():
-    """`charlm train` outside a checkout falls back to the built-in defaults: they must agree."""
-    assert load_config(REPO / "configs" / "shakespeare.toml") == Config()
+def test_default_config_file_is_the_builtin_default(monkeypatch):
+    """`charlm train` without -c uses the built-in defaults, which the README calls configs/shakespeare.toml."""
+    monkeypatch.delenv("CHARLM_DATA_DIR")
+    assert load_config("shakespeare") == load_config(REPO / "configs" / "shakespeare.toml") == Config()

@@ -9,7 +9,6 @@ import torch
 
 from charlm.data.batches import StreamBatcher, eval_windows
 from charlm.data.corpus import download, load_corpus
-from charlm.data.vocab import Vocab
 from charlm.errors import CharlmError
 
 

@@ -10,14 +10,12 @@ class StreamBatcher:
     As in char-rnn, row b of every batch continues where row b of the previous
     batch stopped, so the hidden state can be carried over. The position
     (epoch, offset) and the generator fully determine the next batch, which is
-    what makes an exact resume possible.
+    what makes an exact resume possible. Each stream needs at least ``seq_len + 1`` ids.
     """
 
     def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int,
                  random_seq_len: bool = False, generator: torch.Generator | None = None):
         self.stream_len = (len(data) - 1) // batch_size
-        if self.stream_len < seq_len + 1:
-            raise ValueError("data too short")
         usable = batch_size * self.stream_len
         self.inputs = data[:usable].view(batch_size, self.stream_len)
         self.targets = data[1:usable + 1].view(batch_size, self.stream_len)
@@ -61,10 +59,20 @@ class StreamBatcher:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
 
+def eval_geometry(length: int, batch_size: int, seq_len: int) -> tuple[int, int]:
+    """(streams, characters per stream) that evaluation windows over ``length`` ids read."""
+    streams = max(1, min(batch_size, (length - 1) // seq_len))
+    return streams, (length - 1) // streams
+
+
+def eval_window_count(length: int, batch_size: int, seq_len: int) -> int:
+    """How many windows ``eval_windows`` yields over ``length`` ids, without a cap."""
+    return -(-eval_geometry(length, batch_size, seq_len)[1] // seq_len)
+
+
 def eval_windows(data: torch.Tensor, batch_size: int, seq_len: int, max_batches: int | None = None):
     """Contiguous evaluation windows over ``batch_size`` streams, for a hidden state carried along."""
-    streams = max(1, min(batch_size, (len(data) - 1) // seq_len))
-    stream_len = (len(data) - 1) // streams
+    streams, stream_len = eval_geometry(len(data), batch_size, seq_len)
     inputs = data[: streams * stream_len].view(streams, stream_len)
     targets = data[1: streams * stream_len + 1].view(streams, stream_len)
     starts = range(0, stream_len, seq_len)

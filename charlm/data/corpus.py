@@ -24,13 +24,13 @@ import torch
 from ..config import DataConfig
 from ..errors import CharlmError
 from ..files import atomic_write
-from .vocab import MAX_CODE_POINT, Vocab, code_points
+from .vocab import MAX_CODE_POINT, Vocab, code_points, unknown_characters
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
 CHUNK_BYTES = 1 << 22
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the metadata holds the file's sha256
 
 
 # ----------------------------------------------------------------------------- download
@@ -82,10 +82,15 @@ def default_corpus(data_dir: str | Path) -> Path:
     return download(os.environ.get("CHARLM_SHAKESPEARE_URL", SHAKESPEARE_URL), dest, SHAKESPEARE_SHA256)
 
 
-def open_corpus(config: DataConfig) -> "Corpus":
-    """The corpus a config names (its own file, or Tiny Shakespeare when none is given), encoded."""
+def open_corpus(config: DataConfig, vocab: Vocab | None = None) -> "Corpus":
+    """The corpus a config names (its own file, or Tiny Shakespeare when none is given), encoded.
+
+    With ``vocab`` (a model's, when fine-tuning or resuming) the ids are that vocabulary's;
+    characters outside it are an error, or left out when ``config.skip_unknown`` says so.
+    """
     path = Path(config.path) if config.path else default_corpus(config.dir)
-    return load_corpus(path, config.dir, config.encoding_errors)
+    corpus = load_corpus(path, config.dir, config.encoding_errors)
+    return corpus if vocab is None else corpus.in_vocab(vocab, config.skip_unknown)
 
 
 def iter_text_chunks(path: Path, errors: str):
@@ -133,7 +138,7 @@ def encode_file(path: Path, out: Path, errors: str = "strict") -> Vocab:
     ids = np.lib.format.open_memmap(out, mode="w+", dtype=id_dtype(len(vocab)), shape=(length,))
     start = 0
     for text in iter_text_chunks(path, errors):
-        chunk = vocab._lookup[code_points(text)]
+        chunk = vocab.ids_of(code_points(text))
         ids[start:start + len(chunk)] = chunk
         start += len(chunk)
     ids.flush()
@@ -143,11 +148,16 @@ def encode_file(path: Path, out: Path, errors: str = "strict") -> Vocab:
 
 @dataclass
 class Corpus:
-    """A text file's ids (memory-mapped) and its vocabulary."""
+    """A text file's ids (memory-mapped) in a vocabulary, and the file's checksum.
+
+    ``skipped`` counts the characters left out because ``vocab`` lacks them (see ``in_vocab``).
+    """
 
     path: Path
     ids: np.ndarray
     vocab: Vocab
+    sha256: str
+    skipped: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -159,6 +169,22 @@ class Corpus:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             data = torch.from_numpy(self.ids)
         return data[: len(data) - n_val], data[len(data) - n_val:]
+
+    def in_vocab(self, vocab: Vocab, skip_unknown: bool) -> "Corpus":
+        """The same text as ids of ``vocab``: a model's vocabulary, which may hold more characters.
+
+        Characters ``vocab`` lacks are a one-line error naming them, or, with ``skip_unknown``,
+        left out and counted in ``skipped``.
+        """
+        if vocab.chars == self.vocab.chars:
+            return self
+        to_model = vocab.ids_of(code_points(self.vocab.chars))  # this corpus's id -> the model's id, -1 unknown
+        missing = [char for char, index in zip(self.vocab.chars, to_model) if index < 0]
+        ids = to_model[self.ids]
+        if missing and not skip_unknown:
+            raise unknown_characters(str(self.path), missing, "pass --data.skip-unknown to leave them out")
+        known = ids >= 0
+        return Corpus(self.path, ids[known].astype(id_dtype(len(vocab))), vocab, self.sha256, int(len(ids) - known.sum()))
 
 
 def load_corpus(path: str | Path, cache_dir: str | Path, errors: str = "strict") -> Corpus:
@@ -179,12 +205,12 @@ def load_corpus(path: str | Path, cache_dir: str | Path, errors: str = "strict")
         try:
             vocab = encode_file(path, tmp, errors)
             os.replace(tmp, ids_file)
-            chars = json.dumps({"source": str(path), "chars": vocab.chars}).encode("utf-8")
-            atomic_write(vocab_file, lambda fh: fh.write(chars))
+            meta = json.dumps({"source": str(path), "sha256": sha256_of(path), "chars": vocab.chars}).encode("utf-8")
+            atomic_write(vocab_file, lambda fh: fh.write(meta))
         except OSError as err:
             raise CharlmError(f"cannot write the encoded corpus to {cache} ({err.strerror or err}); "
                               "free some space or pass --data-dir DIR") from None
         finally:
             tmp.unlink(missing_ok=True)
-    vocab = Vocab(json.loads(vocab_file.read_text(encoding="utf-8"))["chars"])
-    return Corpus(path=path, ids=np.load(ids_file, mmap_mode="r"), vocab=vocab)
+    meta = json.loads(vocab_file.read_text(encoding="utf-8"))
+    return Corpus(path=path, ids=np.load(ids_file, mmap_mode="r"), vocab=Vocab(meta["chars"]), sha256=meta["sha256"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import CharlmError
+
 MAX_CODE_POINT = 0x110000
 
 
@@ -24,13 +26,17 @@ class Vocab:
     def __contains__(self, char: str) -> bool:
         return self._lookup[ord(char)] >= 0
 
+    def ids_of(self, points: np.ndarray) -> np.ndarray:
+        """The id of each code point in ``points``, -1 where the vocabulary lacks it."""
+        return self._lookup[points]
+
     def unknown(self, text: str) -> list[str]:
         """The distinct characters of ``text`` missing from the vocabulary, in order of appearance."""
         points = code_points(text)
-        return list(dict.fromkeys(map(chr, points[self._lookup[points] < 0].tolist())))
+        return list(dict.fromkeys(map(chr, points[self.ids_of(points) < 0].tolist())))
 
     def encode(self, text: str, skip_unknown: bool = False) -> np.ndarray:
-        ids = self._lookup[code_points(text)]
+        ids = self.ids_of(code_points(text))
         if (ids < 0).any():
             if not skip_unknown:
                 raise KeyError(self.unknown(text))
@@ -48,3 +54,8 @@ def code_points(text: str) -> np.ndarray:
 def describe_chars(chars: list[str], limit: int = 10) -> str:
     shown = ", ".join(repr(c) for c in chars[:limit])
     return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
+
+
+def unknown_characters(source: str, chars: list[str], remedy: str) -> CharlmError:
+    """The one-line error for text with characters a model never saw, naming them."""
+    return CharlmError(f"{source} has characters the model never saw: {describe_chars(chars)}; {remedy}")

@@ -12,26 +12,39 @@ from __future__ import annotations
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from ..config import Config
+from .. import __version__
+from ..config import Config, load_config
+from ..data.corpus import Corpus, open_corpus
 from ..data.vocab import Vocab
 from ..errors import CharlmError
 from ..files import atomic_write
 from .charrnn import CharRNN
 
 FORMAT = "charlm-checkpoint"
-VERSION = 1
+# 1: charlm 0.1 (elapsed time inside a "schedule" entry); 2: charlm 0.2 (elapsed at the top, the
+# writer's charlm version, the corpus checksum and the run a fine-tune started from).
+VERSION = 2
 PRETRAINED_NAME = "pretrained"
 PRETRAINED_PATH = Path(__file__).parent.parent / "pretrained" / "shakespeare.pt"
+
+
+class LoadedModel(NamedTuple):
+    """A checkpoint's model (fp32, in eval mode, on the device asked for) with what it needs."""
+
+    model: CharRNN
+    vocab: Vocab
+    config: Config
+    checkpoint: dict[str, Any]
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """Write ``payload`` to ``path`` atomically; on failure the old file is untouched."""
     path = Path(path)
-    payload = {"format": FORMAT, "version": VERSION, **payload}
+    payload = {"format": FORMAT, "version": VERSION, "charlm_version": __version__, **payload}
     try:
         return atomic_write(path, lambda fh: torch.save(payload, fh))
     except OSError as err:
@@ -80,16 +93,34 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CharlmError(f"{path} is truncated or corrupted ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CharlmError(f"{path} is not a charlm checkpoint")
-    if payload.get("version") != VERSION:
-        raise CharlmError(f"{path} has checkpoint format version {payload.get('version')}; this charlm reads version {VERSION}")
+    version = payload.get("version")
+    if version == 1:
+        return upgrade_from_version_1(payload)
+    if version != VERSION:
+        writer = f"charlm {payload['charlm_version']}" if isinstance(payload.get("charlm_version"), str) else "an unknown charlm"
+        raise CharlmError(f"{path} was written by {writer} in checkpoint format {version}; this charlm {__version__} "
+                          f"reads formats 1 to {VERSION}: upgrade charlm to read it")
     return payload
 
 
-def load_model(path: str | Path | None, device: torch.device | str = "cpu") -> tuple[CharRNN, Vocab, Config, dict[str, Any]]:
-    """Rebuild the model of a checkpoint (weights in fp32) with its vocabulary and config."""
+def upgrade_from_version_1(payload: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 checkpoint in today's layout: its training time moves out of the unused schedule entry."""
+    schedule = payload.pop("schedule", {})
+    upgraded = {"charlm_version": "0.1.0", "corpus": None, "init_from": None, **payload, "version": VERSION}
+    if "elapsed" in schedule:
+        upgraded["elapsed"] = schedule["elapsed"]
+    return upgraded
+
+
+def load_model(path: str | Path | None, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the model of a checkpoint (weights in fp32) with its vocabulary and config.
+
+    ``path``: a checkpoint file, a run directory (its best.pt) or 'pretrained' / None (the bundled model).
+    The config goes through ``load_config``, so ``CHARLM_DATA_DIR`` applies to it as everywhere.
+    """
     resolved = resolve(path)
     payload = load_checkpoint(resolved)
-    config = Config.from_dict(payload["config"], source=str(resolved))
+    config = load_config(base=payload["config"])
     vocab = Vocab(payload["vocab"])
     model = CharRNN(len(vocab), config.model)
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["model"].items()}
@@ -99,12 +130,23 @@ def load_model(path: str | Path | None, device: torch.device | str = "cpu") -> t
         raise CharlmError(f"{resolved} does not match its own config ({str(err).splitlines()[0]})") from None
     model.to(device).eval()
     payload["path"] = str(resolved)
-    return model, vocab, config, payload
+    return LoadedModel(model, vocab, config, payload)
+
+
+def training_corpus(config: Config, checkpoint: dict[str, Any], name: str, remedy: str) -> Corpus:
+    """The corpus ``config`` names, read in the checkpoint's vocabulary, and refused in one line
+    (``name``: the checkpoint or run, ``remedy``: what to do) where it is not the text the checkpoint
+    was trained on: by its recorded checksum, or for checkpoints that record none, by its vocabulary."""
+    corpus = open_corpus(config.data)
+    recorded = checkpoint["corpus"]["sha256"] if checkpoint["corpus"] else None
+    if corpus.sha256 != recorded if recorded else corpus.vocab.chars != checkpoint["vocab"]:
+        raise CharlmError(f"{corpus.path} is not the corpus {name} was trained on (its content differs); {remedy}")
+    return corpus.in_vocab(Vocab(checkpoint["vocab"]), config.data.skip_unknown)
 
 
 def export_for_inference(source: str | Path, dest: str | Path) -> Path:
     """A small sampling-only checkpoint: fp16 weights, config and vocabulary; no optimizer or RNG state."""
     payload = load_checkpoint(resolve(source))
-    slim = {key: payload[key] for key in ("config", "vocab", "step", "best_val_loss")}
+    slim = {key: payload.get(key) for key in ("config", "vocab", "step", "best_val_loss", "corpus", "init_from")}
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
     return save_checkpoint(slim, dest)
