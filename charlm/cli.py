@@ -113,12 +113,12 @@ def sample(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="sample only from the smallest set with probability mass P", show_default="off"),
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed; the same seed gives the same text", show_default="random"),
     num_samples: int = typer.Option(1, "--num-samples", help="independent samples, generated as one batch"),
-    device: str = typer.Option("cpu", "--device", help="auto|cpu|cuda|mps"),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
 ) -> None:
-    """Generate text from a checkpoint, printed as it is produced."""
+    """Generate text from a checkpoint, printed as it is produced (one sample streams in constant memory)."""
     from .device import resolve_device
     from .model.checkpoint import load_model
-    from .sampling import SampleSettings, generate
+    from .sampling import SampleSettings, generate, stream
 
     settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, num_samples=num_samples)
@@ -126,8 +126,11 @@ def sample(
     model, vocab, _, _ = load_model(checkpoint, resolve_device(device))
     out = sys.stdout
     if num_samples == 1:
+        pieces = stream(model, vocab, prime, settings)  # refuses bad input before the prime is printed
         out.write(prime)
-        generate(model, vocab, prime, settings, on_text=lambda _, text: (out.write(text), out.flush()))
+        for piece, in pieces:
+            out.write(piece)
+            out.flush()
         out.write("\n")
         return
     for i, text in enumerate(generate(model, vocab, prime, settings)):

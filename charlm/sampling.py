@@ -1,25 +1,38 @@
 """Text generation: temperature, top-k and nucleus (top-p) sampling, streamed as it is made.
 
-The prime goes through the full recurrent layer in one call; every further
-character takes one step: numpy's BLAS for a single stream on the CPU (see
-``numpy_step``), the fused cell kernels of ``CharRNN.step`` otherwise. Random
-numbers come from one seeded CPU generator, drawn up front, so the same seed
-gives the same text on any device and batch layout, and the GPU never waits on
-the host per step.
+The prime goes through the full recurrent layer once, as one stream, and every
+stream starts from its state; every further character takes one step of
+``model.inference.Stepper``: on numpy arrays for a single stream on the CPU,
+on PyTorch tensors otherwise. Random numbers come from one seeded CPU
+generator, a chunk of characters at a time, so the same seed gives the same
+text on any device, batch layout and length, and the GPU never waits on the
+host per step. ``stream`` yields the text as it is made and holds nothing that
+grows with the length; ``generate`` collects it. Both refuse up front a batch
+(or, for ``generate``, texts) too large for the memory available.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from .data.vocab import Vocab, describe_chars
 from .errors import CharlmError
-from .model.charrnn import CharRNN, Hidden, per_layer
-from .model.inference import NumpyStepper
+from .model.charrnn import CharRNN, Hidden, map_hidden
+from .model.inference import InferenceWeights, Stepper, inference_weights
+
+CHUNK = 16  # characters per draw of uniforms, per copy of picked ids off the device, per piece of text
+# The memory estimate of ``memory_pools``:
+GATE_BLOCKS = {"rnn": 1, "gru": 3, "lstm": 4}  # gate vectors per layer, each hidden-size wide
+GATE_BUFFERS = 6
+CHOICE_BUFFERS = 12
+CHUNK_CHAR_BYTES = 64  # per stream and chunk character: its draw (4), its id on the device and stacked (8 + 8), in a Python list (8 + 28), decoded (4), rounded up
+POINTER_BYTES = 8
 
 
 @dataclass
@@ -80,30 +93,29 @@ def choose_one(logits: np.ndarray, uniform: float, settings: SampleSettings) -> 
 
 
 class TorchSampler:
-    """Any batch on any device: ``CharRNN.step`` (the fused cell kernels) and ``choose``.
+    """Any batch on any device: ``Stepper`` on the bundle's tensors, and ``choose``.
 
     Tokens stay on the device; ``run`` copies a chunk's ids out once, so a GPU is not
     synchronised per character."""
 
-    def __init__(self, model: CharRNN, hidden: Hidden, tokens: torch.Tensor, settings: SampleSettings):
-        self.model, self.state, self.weights = model, per_layer(hidden), model.step_weights()
-        self.tokens, self.settings = tokens, settings
+    def __init__(self, weights: InferenceWeights, hidden: Hidden, tokens: torch.Tensor, settings: SampleSettings):
+        self.step, self.tokens, self.settings = Stepper(weights, hidden), tokens, settings
 
     def run(self, uniforms: torch.Tensor) -> list[list[int]]:
         """Advance one character per row of ``uniforms`` (n, B); the chosen ids, per stream."""
         picked = []
         for uniform in uniforms:
-            logits, self.state = self.model.step(self.tokens, self.state, self.weights)
-            self.tokens = choose(logits, uniform, self.settings)
+            self.tokens = choose(self.step(self.tokens), uniform, self.settings)
             picked.append(self.tokens)
         return torch.stack(picked, 1).tolist()
 
 
 class NumpySampler:
-    """One stream on the CPU: ``NumpyStepper`` and ``choose_one``, with no PyTorch call per character."""
+    """One stream on the CPU: ``Stepper`` on the bundle's numpy arrays and ``choose_one``, with no
+    PyTorch call per character."""
 
-    def __init__(self, model: CharRNN, hidden: Hidden, tokens: torch.Tensor, settings: SampleSettings):
-        self.step, self.token, self.settings = NumpyStepper(model, hidden), int(tokens[0]), settings
+    def __init__(self, weights: InferenceWeights, hidden: Hidden, tokens: torch.Tensor, settings: SampleSettings):
+        self.step, self.token, self.settings = Stepper(weights.to_numpy(), hidden), int(tokens[0]), settings
 
     def run(self, uniforms: torch.Tensor) -> list[list[int]]:
         picked = []
@@ -113,51 +125,179 @@ class NumpySampler:
         return [picked]
 
 
-def sampler(model: CharRNN, hidden: Hidden, tokens: torch.Tensor, settings: SampleSettings) -> TorchSampler | NumpySampler:
+def sampler(weights: InferenceWeights, hidden: Hidden, tokens: torch.Tensor,
+            settings: SampleSettings) -> TorchSampler | NumpySampler:
     """The faster path from ``hidden`` and the last ``tokens`` on: numpy for one stream on the
-    CPU (see ``numpy_step``), PyTorch otherwise."""
+    CPU (its matrix-vector products are faster there), PyTorch otherwise."""
     if tokens.device.type == "cpu" and len(tokens) == 1:
-        return NumpySampler(model, hidden, tokens, settings)
-    return TorchSampler(model, hidden, tokens, settings)
+        return NumpySampler(weights, hidden, tokens, settings)
+    return TorchSampler(weights, hidden, tokens, settings)
 
 
 def prime_ids(vocab: Vocab, prime: str) -> list[int]:
+    """The prime's ids; an empty prime starts from a line break, as a text would, without printing it."""
     missing = vocab.unknown(prime)
     if missing:
         raise CharlmError(f"the prime text has characters the model never saw: {describe_chars(missing)}; remove them")
+    if not prime:
+        return [int(vocab.encode("\n")[0])] if "\n" in vocab else [0]
     return vocab.encode(prime).tolist()
 
 
-@torch.no_grad()
-def generate(model: CharRNN, vocab: Vocab, prime: str = "", settings: SampleSettings | None = None,
-             on_text: Callable[[int, str], None] | None = None, flush_every: int = 16) -> list[str]:
-    """Generate ``settings.num_samples`` continuations of ``prime`` (returned without the prime).
+def primed(model: CharRNN, ids: list[int], batch: int) -> tuple[Hidden, torch.Tensor]:
+    """The state after all but the last prime character and that last character, for ``batch`` streams.
 
-    ``on_text(sample_index, text)`` receives the text as it is produced.
+    The prime runs once, as one stream, through the full recurrent layer; every stream starts
+    from that state (a broadcast view: nothing is copied per stream).
     """
+    device = model.head.weight.device
+    context = torch.tensor([ids], device=device)
+    hidden = model(context[:, :-1])[1] if len(ids) > 1 else model.init_hidden(1, device)
+    return map_hidden(lambda part: part.expand(-1, batch, -1), hidden), context[0, -1:].expand(batch)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new allocations on ``device`` (its host's for the CPU and MPS), None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class MemoryPool:
+    """Memory one kind of allocation draws from, and what one stream takes of it."""
+
+    name: str
+    available: int
+    per_stream: int  # bytes a stream holds while it runs
+    per_char: int  # bytes each character of held text adds to a stream (0 where nothing is held)
+
+    def streams_that_fit(self, length: int) -> int:
+        return self.available // (self.per_stream + length * self.per_char)
+
+
+def memory_pools(model: CharRNN, vocab: Vocab, hold_text: bool) -> list[MemoryPool]:
+    """What one stream needs, an estimate kept simple and a little generous.
+
+    On the device, a stream holds its recurrent state (twice: the old and the new during a step),
+    its gate activations (``GATE_BUFFERS`` vectors as wide as all gates of one layer: the table row,
+    the hidden product and its bias, their sum, its tanh, the sigmoids), ``CHOICE_BUFFERS`` vectors
+    as wide as the vocabulary for the logits and the probabilities the choice derives from them, and
+    a chunk's draws and picked ids. On the host, the chunk again as Python objects (ids in lists,
+    decoded pieces) and, when the texts are held to be returned, every character twice (as
+    ``CHUNK``-long pieces with their string headers, then joined). The weights are not counted: they
+    are already in memory, and a stream does not grow them. On the CPU the two pools are one.
+    """
+    config, item = model.config, model.head.weight.element_size()
+    state_parts = 2 if config.cell == "lstm" else 1
+    state = 2 * config.layers * state_parts * config.hidden_size * item
+    gates = GATE_BUFFERS * GATE_BLOCKS[config.cell] * config.hidden_size * item
+    choice = CHOICE_BUFFERS * len(vocab) * item
+    chunk = CHUNK * CHUNK_CHAR_BYTES
+    widest = max(vocab.chars)  # the highest code point sets how wide a Python string stores each character
+    char_bytes = sys.getsizeof(widest * 2) - sys.getsizeof(widest)
+    held = char_bytes + -(-(sys.getsizeof(widest * CHUNK) + POINTER_BYTES) // CHUNK) if hold_text else 0
+    device = model.head.weight.device
+    host = available_memory(torch.device("cpu"))
+    if device.type != "cuda":
+        return [] if host is None else [MemoryPool("memory", host, state + gates + choice + chunk, held)]
+    pools = [MemoryPool(f"{device} memory", available_memory(device), state + gates + choice + chunk, 0)]
+    return pools + ([] if host is None else [MemoryPool("host memory", host, chunk, held)])
+
+
+def check_memory(model: CharRNN, vocab: Vocab, settings: SampleSettings, hold_text: bool) -> None:
+    """Refuse, before anything is allocated, a batch or held text that cannot fit in memory.
+
+    The error names the most samples of this length that fit or, where not even one does, the
+    longest length that fits.
+    """
+    pools = memory_pools(model, vocab, hold_text)
+    batch, length = settings.num_samples, settings.length
+    for pool in pools:
+        need = batch * (pool.per_stream + length * pool.per_char)
+        if need <= pool.available:
+            continue
+        asked = (f"{batch:,} sample{'s' if batch > 1 else ''} of {length:,} characters need about "
+                 f"{describe_bytes(need)} of {pool.name} and {describe_bytes(pool.available)} is available")
+        most = min(other.streams_that_fit(length) for other in pools)
+        raise CharlmError(f"{asked}: {largest_that_fits(pools, settings, most)}")
+
+
+def largest_that_fits(pools: list[MemoryPool], settings: SampleSettings, most: int) -> str:
+    """The limit to name in a refusal: the most samples of the asked length, else the longest length."""
+    if most >= 1:
+        return f"at most {most:,} samples of {settings.length:,} characters fit (--num-samples)"
+    streams = settings.num_samples if all(settings.num_samples * pool.per_stream < pool.available for pool in pools) else 1
+    longest = min((pool.available // streams - pool.per_stream) // pool.per_char for pool in pools if pool.per_char)
+    return (f"at most {max(longest, 0):,} characters a sample fit for {streams:,} sample{'s' if streams > 1 else ''} "
+            f"(--length); several samples are held until they end, while one sample streams in constant memory")
+
+
+def describe_bytes(size: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1000
+    return f"{size:,.1f} TB"
+
+
+def checked(model: CharRNN, vocab: Vocab, prime: str, settings: SampleSettings | None,
+            hold_text: bool) -> tuple[list[int], SampleSettings]:
+    """The prime's ids and the settings, once both are valid and the batch fits in memory."""
     settings = settings or SampleSettings()
     settings.validate()
-    device = next(model.parameters()).device
-    model.eval()
     ids = prime_ids(vocab, prime)
-    if not ids:  # start from a line break, as a text would, without printing it
-        ids = [vocab.encode("\n")[0]] if "\n" in vocab else [0]
-    batch = settings.num_samples
-    generator = torch.Generator().manual_seed(settings.seed if settings.seed is not None else torch.seed())
-    uniforms = torch.rand(settings.length, batch, generator=generator).to(device)
+    check_memory(model, vocab, settings, hold_text)
+    return ids, settings
 
-    context = torch.tensor([ids] * batch, device=device)
-    hidden = None
-    if len(ids) > 1:
-        _, hidden = model(context[:, :-1], hidden)
-    if hidden is None:
-        hidden = model.init_hidden(batch, device)
-    chunks = sampler(model, hidden, context[:, -1], settings)
-    texts = [""] * batch
-    for start in range(0, settings.length, flush_every):
-        for b, row in enumerate(chunks.run(uniforms[start:start + flush_every])):
-            piece = vocab.decode(row)
-            texts[b] += piece
+
+@torch.no_grad()
+def pieces(model: CharRNN, vocab: Vocab, ids: list[int], settings: SampleSettings) -> Iterator[list[str]]:
+    """Every ``CHUNK`` characters, the next piece of text of each stream: nothing grows with the length.
+
+    The uniform draws come ``CHUNK`` rows at a time from one seeded CPU generator, which gives the
+    same numbers as one draw of the whole length would.
+    """
+    model.eval()
+    batch, device = settings.num_samples, model.head.weight.device
+    generator = torch.Generator().manual_seed(settings.seed if settings.seed is not None else torch.seed())
+    hidden, tokens = primed(model, ids, batch)
+    chunks = sampler(inference_weights(model), hidden, tokens, settings)
+    for start in range(0, settings.length, CHUNK):
+        uniforms = torch.rand(min(CHUNK, settings.length - start), batch, generator=generator)
+        yield [vocab.decode(row) for row in chunks.run(uniforms.to(device))]
+
+
+def stream(model: CharRNN, vocab: Vocab, prime: str = "", settings: SampleSettings | None = None) -> Iterator[list[str]]:
+    """``settings.num_samples`` continuations of ``prime`` (without it), as they are made: an iterator of
+    lists holding each stream's next piece. Bad settings, an unknown prime character and a batch that
+    cannot fit in memory are refused here, before the first piece; the length has no limit."""
+    ids, settings = checked(model, vocab, prime, settings, hold_text=False)
+    return pieces(model, vocab, ids, settings)
+
+
+def generate(model: CharRNN, vocab: Vocab, prime: str = "", settings: SampleSettings | None = None,
+             on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """Generate ``settings.num_samples`` continuations of ``prime`` (returned without the prime).
+
+    ``on_text(sample_index, text)`` receives the text as it is produced. The texts are held to be
+    returned, so a length or batch whose texts cannot fit in memory is refused up front.
+    """
+    ids, settings = checked(model, vocab, prime, settings, hold_text=True)
+    held: list[list[str]] = [[] for _ in range(settings.num_samples)]
+    for chunk in pieces(model, vocab, ids, settings):
+        for index, piece in enumerate(chunk):
+            held[index].append(piece)
             if on_text is not None:
-                on_text(b, piece)
-    return texts
+                on_text(index, piece)
+    return ["".join(texts) for texts in held]

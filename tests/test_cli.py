@@ -3,6 +3,9 @@
 import json
 import os
 import pickle
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import torch
 
 from charlm import files as files_module
 from charlm.device import cpu_has_fast_bf16
-from tests.conftest import TINY, one_line_error
+from tests.conftest import TINY, one_line_error, snapshot
 
 
 @pytest.fixture
@@ -112,6 +115,31 @@ def test_bad_sampling_options(cli, trained):
     one_line_error(*cli("sample", trained, "--top-p", "0")[::2], "top-p")
     one_line_error(*cli("sample", trained, "--top-p", "1.5")[::2], "top-p")
     one_line_error(*cli("sample", trained, "--length", "-3")[::2], "length")
+
+
+def test_sampling_more_than_memory_holds_is_refused_up_front(cli, trained):
+    before = snapshot(trained)
+    code, out, err = cli("sample", trained, "--num-samples", 100_000_000, "--length", 100)
+    one_line_error(code, err, "100,000,000 samples of 100 characters need about", "at most", "(--num-samples)")
+    assert out == ""  # not even the prime
+    one_line_error(*cli("sample", trained, "--num-samples", 2, "--length", 10**15)[::2], "(--length)")
+    assert snapshot(trained) == before
+
+
+def test_one_endless_sample_streams_until_the_reader_stops(trained):
+    """`charlm sample --length 1000000000000 | head` prints at once and keeps going in constant memory."""
+    process = subprocess.Popen([sys.executable, "-m", "charlm", "sample", str(trained), "--length", str(10**12), "--seed", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watchdog = threading.Timer(120, process.kill)  # a hung sampler fails the test instead of blocking it
+    watchdog.start()
+    try:
+        head = process.stdout.read(20_000)
+        assert len(head) == 20_000 and process.poll() is None  # still going: nothing was reserved for the whole length
+    finally:
+        process.stdout.close()
+        code = process.wait(timeout=60)
+        watchdog.cancel()
+    assert code in (0, 1) and b"Traceback" not in process.stderr.read()  # a closed pipe ends it quietly
 
 
 def test_bad_config_input(cli, ascii_corpus, tmp_path):

@@ -2,37 +2,39 @@ import pytest
 import torch
 
 from charlm.config import ModelConfig
-from charlm.model.charrnn import CharRNN, per_layer, sequence_loss
-from charlm.model.inference import NumpyStepper
-
-
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-@pytest.mark.parametrize("embedding_size", [8, 32])  # wider than the vocabulary: folded into the first layer
-def test_single_step_path_matches_the_full_layer(cell, embedding_size):
-    torch.manual_seed(0)
-    model = CharRNN(20, ModelConfig(cell=cell, layers=2, hidden_size=24, embedding_size=embedding_size)).eval()
-    weights = model.step_weights()
-    assert weights.one_hot_input == (embedding_size > 20)
-    ids = torch.randint(0, 20, (3, 12))
-    full, _ = model(ids)
-    state = per_layer(model.init_hidden(3))
-    for t in range(12):
-        logits, state = model.step(ids[:, t], state, weights)
-        torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-5)
+from charlm.model.charrnn import CharRNN, sequence_loss
+from charlm.model.inference import Stepper, inference_weights
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("tie_weights", [False, True])  # tied with hidden 24 != 16: a projection is folded in
-def test_numpy_step_matches_the_full_layer_from_a_carried_state(cell, tie_weights):
+@pytest.mark.parametrize("library", ["torch", "numpy"])
+def test_stepper_matches_the_full_layer_from_a_carried_state(cell, tie_weights, library):
+    """Both steppers, on the one weights bundle, give the full nn.RNN/LSTM/GRU's logits character by character."""
     torch.manual_seed(0)
     config = ModelConfig(cell=cell, layers=2, hidden_size=24, embedding_size=16, tie_weights=tie_weights)
     model = CharRNN(20, config).eval()
     ids = torch.randint(0, 20, (3, 12))
     full, _ = model(ids)
     _, hidden = model(ids[:, :4])
-    step = NumpyStepper(model, hidden)
+    weights = inference_weights(model)
+    step = Stepper(weights.to_numpy() if library == "numpy" else weights, hidden)
     for t in range(4, 12):
-        torch.testing.assert_close(torch.from_numpy(step(ids[:, t].numpy())), full[:, t], rtol=1e-4, atol=1e-5)
+        logits = step(ids[:, t].numpy() if library == "numpy" else ids[:, t])
+        torch.testing.assert_close(torch.as_tensor(logits), full[:, t], rtol=1e-4, atol=1e-5)
+
+
+def test_the_weights_bundle_is_a_copy():
+    """Sampling reads the weights as they were when it began: later training does not reach them."""
+    torch.manual_seed(0)
+    model = CharRNN(20, ModelConfig(layers=1, hidden_size=8, embedding_size=8)).eval()
+    weights = inference_weights(model)
+    before = weights.input_table.clone(), weights.layers[0].hidden_t.clone(), weights.head_t.clone()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    for kept, now in zip(before, (weights.input_table, weights.layers[0].hidden_t, weights.head_t)):
+        assert torch.equal(kept, now)
 
 
 def test_tied_weights_share_the_embedding():

@@ -5,7 +5,7 @@ from charlm.config import ModelConfig
 from charlm.data.vocab import Vocab
 from charlm.errors import CharlmError
 from charlm.model.charrnn import CharRNN
-from charlm.sampling import SampleSettings, filter_probs, generate
+from charlm.sampling import SampleSettings, filter_probs, generate, stream
 
 VOCAB = Vocab("\nabcdefgh 明🌙")
 
@@ -86,10 +86,27 @@ def test_unknown_prime_characters_are_named(model):
                          ids=["temperature", "greedy", "top-k", "top-p"])
 def test_numpy_and_torch_samplers_pick_the_same_characters(model, settings):
     """One stream on the CPU goes through numpy; the PyTorch path must choose exactly as it does."""
+    from charlm.model.inference import inference_weights
     from charlm.sampling import NumpySampler, TorchSampler
     ids = torch.tensor([VOCAB.encode("ab明").tolist()])
     _, hidden = model(ids[:, :-1])
     uniforms = torch.rand(200, 1, generator=torch.Generator().manual_seed(5))
-    numpy_ids = NumpySampler(model, hidden, ids[:, -1], settings).run(uniforms)
-    torch_ids = TorchSampler(model, hidden, ids[:, -1], settings).run(uniforms)
+    weights = inference_weights(model)
+    numpy_ids = NumpySampler(weights, hidden, ids[:, -1], settings).run(uniforms)
+    torch_ids = TorchSampler(weights, hidden, ids[:, -1], settings).run(uniforms)
     assert numpy_ids == torch_ids and len(set(numpy_ids[0])) > (1 if settings.temperature == 0 else 3)
+
+
+def test_a_length_beyond_memory_streams_the_same_text(model):
+    """No length is too long to stream: the first pieces are the text a short run of the same seed makes."""
+    pieces = stream(model, VOCAB, "ab", SampleSettings(length=10**12, seed=9))
+    streamed = "".join(next(pieces)[0] for _ in range(50))
+    assert streamed == generate(model, VOCAB, "ab", SampleSettings(length=len(streamed), seed=9))[0]
+    assert len(streamed) == 50 * 16
+
+
+def test_texts_that_cannot_fit_in_memory_are_refused_up_front(model):
+    with pytest.raises(CharlmError, match=r"at most [\d,]+ samples of 100 characters fit \(--num-samples\)"):
+        stream(model, VOCAB, "a", SampleSettings(length=100, num_samples=10**9))
+    with pytest.raises(CharlmError, match=r"at most [\d,]+ characters a sample fit for 1 sample \(--length\)"):
+        generate(model, VOCAB, "a", SampleSettings(length=10**15))
