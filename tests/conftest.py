@@ -1,5 +1,8 @@
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,23 @@ def one_line_error(code, err, *fragments):
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under ``directory`` by relative path, with its bytes: to show nothing was changed."""
     return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def charlm_process(*args, **popen_options) -> subprocess.Popen:
+    """`python -m charlm ARGS` in a process of its own, unbuffered, its output piped as text unless told otherwise."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen_options}
+    return subprocess.Popen([sys.executable, "-m", "charlm", *map(str, args)],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **options)
+
+
+def wait_for(predicate, timeout: float = 60.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,6 @@
 import json
 import os
 import pickle
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import torch
 
 from charlm import files as files_module
 from charlm.device import cpu_has_fast_bf16
-from tests.conftest import TINY, one_line_error, snapshot
+from tests.conftest import TINY, charlm_process, one_line_error, snapshot
 
 
 @pytest.fixture
@@ -128,8 +126,7 @@ def test_sampling_more_than_memory_holds_is_refused_up_front(cli, trained):
 
 def test_one_endless_sample_streams_until_the_reader_stops(trained):
     """`charlm sample --length 1000000000000 | head` prints at once and keeps going in constant memory."""
-    process = subprocess.Popen([sys.executable, "-m", "charlm", "sample", str(trained), "--length", str(10**12), "--seed", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = charlm_process("sample", trained, "--length", 10**12, "--seed", 1, text=False)
     watchdog = threading.Timer(120, process.kill)  # a hung sampler fails the test instead of blocking it
     watchdog.start()
     try:

@@ -3,15 +3,13 @@
 import json
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from charlm.model.checkpoint import load_checkpoint
-from tests.conftest import TINY, one_line_error, snapshot
+from tests.conftest import TINY, charlm_process, one_line_error, snapshot, wait_for
 
 
 @pytest.fixture
@@ -117,24 +115,15 @@ def test_fine_tuning_refuses_model_changes(cli, run, tmp_path):
 
 # ------------------------------------------------------------------ one writer per run
 
-def start_training(corpus: Path, run: Path, **kwargs) -> subprocess.Popen:
+def start_training(corpus: Path, run: Path) -> subprocess.Popen:
     """`charlm train` of the tiny model in its own process, with no end in sight."""
-    args = ["train", "--data", corpus, *TINY, "--max-steps", 100000, "--out", run]
-    return subprocess.Popen([sys.executable, "-m", "charlm", *map(str, args)], stdout=subprocess.DEVNULL, **kwargs)
-
-
-def wait_for(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+    return charlm_process("train", "--data", corpus, *TINY, "--max-steps", 100000, "--out", run,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def test_one_writer_per_run_and_readers_keep_working(cli, ascii_corpus, tmp_path):
     run = tmp_path / "busy"
-    trainer = start_training(ascii_corpus, run, stderr=subprocess.DEVNULL)
+    trainer = start_training(ascii_corpus, run)
     try:
         assert wait_for(lambda: (run / "best.pt").is_file() and (run / "last.pt").is_file())
         one_line_error(*cli("train", "--resume", run)[::2], f"process {trainer.pid} is training in it")
@@ -187,7 +176,7 @@ def test_every_checkpoint_records_its_format_and_charlm_version(run):
 
 def test_sigterm_releases_the_run_for_a_resume(cli, ascii_corpus, tmp_path):
     run = tmp_path / "run"
-    process = start_training(ascii_corpus, run, stderr=subprocess.DEVNULL)
+    process = start_training(ascii_corpus, run)
     try:
         assert wait_for(lambda: (run / "last.pt").is_file())
         process.send_signal(signal.SIGTERM)

@@ -2,10 +2,7 @@
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from charlm.errors import CharlmError
 from charlm.model.charrnn import CharRNN
 from charlm.model.checkpoint import load_checkpoint
 from charlm.training.budget import Position, StopBudget
-from tests.conftest import TINY_OPTIONS
+from tests.conftest import TINY_OPTIONS, charlm_process, wait_for
 
 
 def test_overfits_a_repetitive_text(tmp_path, tiny_config):
@@ -94,21 +91,6 @@ def test_non_finite_losses_are_skipped_then_stop_training(tmp_path, tiny_config,
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 20  # the two early bad steps were skipped, training went on
 
 
-def run_cli_process(*args, **kwargs):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "charlm", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
-
-
-def wait_for(predicate, timeout=60.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def checkpoint_step(path: Path) -> int:
     try:
         return int(torch.load(path, weights_only=True)["step"])
@@ -120,10 +102,10 @@ def test_killed_run_resumes_bit_identically(tmp_path, ascii_corpus):
     """SIGKILL mid-run, resume, and end with exactly the weights of an uninterrupted run."""
     common = ["train", "--data", ascii_corpus, *TINY_OPTIONS, "--max-steps", 400, "--quiet", "--model.layers", 2,
               "--model.dropout", 0.1, "--train.random-seq-len", "--model.weight-drop", 0.2]
-    reference = run_cli_process(*common, "--out", tmp_path / "reference")
+    reference = charlm_process(*common, "--out", tmp_path / "reference")
     assert reference.wait(timeout=240) == 0, reference.stderr.read()
 
-    victim = run_cli_process(*common, "--out", tmp_path / "victim")
+    victim = charlm_process(*common, "--out", tmp_path / "victim")
     last = tmp_path / "victim" / "last.pt"
     assert wait_for(lambda: checkpoint_step(last) >= 100), "the run never reached step 100"
     victim.kill()
@@ -131,7 +113,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, ascii_corpus):
     killed_at = checkpoint_step(last)
     assert 100 <= killed_at < 400, "the run finished before it could be killed"
 
-    resumed = run_cli_process("train", "--resume", tmp_path / "victim", "--quiet")
+    resumed = charlm_process("train", "--resume", tmp_path / "victim", "--quiet")
     assert resumed.wait(timeout=240) == 0, resumed.stderr.read()
     ref, res = (load_checkpoint(tmp_path / name / "last.pt") for name in ("reference", "victim"))
     assert ref["step"] == res["step"] == 400
@@ -144,7 +126,7 @@ def test_kill_at_any_moment_leaves_loadable_checkpoints(tmp_path, ascii_corpus):
     """Checkpoint every step and SIGKILL at arbitrary moments: what is on disk always loads."""
     for attempt, delay in enumerate((0.0, 0.037, 0.071)):
         run = tmp_path / f"run{attempt}"
-        process = run_cli_process("train", "--data", ascii_corpus, *TINY_OPTIONS, "--max-steps", 100000, "--quiet",
+        process = charlm_process("train", "--data", ascii_corpus, *TINY_OPTIONS, "--max-steps", 100000, "--quiet",
                                   "--train.checkpoint-interval", 1, "--train.eval-interval", 3, "--out", run)
         assert wait_for(lambda: checkpoint_step(run / "best.pt") >= 3)
         time.sleep(delay)
@@ -157,7 +139,7 @@ def test_kill_at_any_moment_leaves_loadable_checkpoints(tmp_path, ascii_corpus):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signals_save_and_explain_how_to_resume(tmp_path, ascii_corpus, sig, code):
     run = tmp_path / "run"
-    process = run_cli_process("train", "--data", ascii_corpus, *TINY_OPTIONS, "--max-steps", 100000,
+    process = charlm_process("train", "--data", ascii_corpus, *TINY_OPTIONS, "--max-steps", 100000,
                               "--train.checkpoint-interval", 100000, "--out", run)
     assert wait_for(lambda: (run / "metrics.jsonl").is_file())
     process.send_signal(sig)
