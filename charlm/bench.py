@@ -28,12 +28,11 @@ from .config import Config, ModelConfig, bench_config
 from .data.vocab import Vocab
 from .device import cpu_has_fast_bf16, resolve_device, resolve_precision
 from .evaluation import mean_loss
-from .model.charrnn import CharRNN
+from .model.charrnn import GATES, CharRNN
 from .sampling import SampleSettings, generate
 from .training.loop import optimizer_step
 from .training.setup import build_optimizer
 
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
 

@@ -23,12 +23,11 @@ import torch
 
 from .data.vocab import Vocab, describe_chars
 from .errors import CharlmError
-from .model.charrnn import CharRNN, Hidden, map_hidden
+from .model.charrnn import GATES, CharRNN, Hidden, map_hidden
 from .model.inference import InferenceWeights, Stepper, inference_weights
 
 CHUNK = 16  # characters per draw of uniforms, per copy of picked ids off the device, per piece of text
 # The memory estimate of ``memory_pools``:
-GATE_BLOCKS = {"rnn": 1, "gru": 3, "lstm": 4}  # gate vectors per layer, each hidden-size wide
 GATE_BUFFERS = 6
 CHOICE_BUFFERS = 12
 CHUNK_CHAR_BYTES = 64  # per stream and chunk character: its draw (4), its id on the device and stacked (8 + 8), in a Python list (8 + 28), decoded (4), rounded up
@@ -201,7 +200,7 @@ def memory_pools(model: CharRNN, vocab: Vocab, hold_text: bool) -> list[MemoryPo
     config, item = model.config, model.head.weight.element_size()
     state_parts = 2 if config.cell == "lstm" else 1
     state = 2 * config.layers * state_parts * config.hidden_size * item
-    gates = GATE_BUFFERS * GATE_BLOCKS[config.cell] * config.hidden_size * item
+    gates = GATE_BUFFERS * GATES[config.cell] * config.hidden_size * item
     choice = CHOICE_BUFFERS * len(vocab) * item
     chunk = CHUNK * CHUNK_CHAR_BYTES
     widest = max(vocab.chars)  # the highest code point sets how wide a Python string stores each character

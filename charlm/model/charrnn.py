@@ -17,6 +17,7 @@ from torch import nn
 from ..config import ModelConfig
 
 RECURRENT = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # gate blocks per layer, each hidden_size wide
 
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 

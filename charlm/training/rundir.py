@@ -1,10 +1,12 @@
 """A run directory and its one writer.
 
-A process that trains in a run directory holds an exclusive ``flock`` on its ``.lock`` file for
-as long as it trains. The operating system drops the lock when the process ends, however it
-ends, so a killed run never leaves a stale lock. A second ``train`` or ``resume`` is refused in
-one line naming the process that holds it; readers (``sample``, ``eval``) take no lock: every
-checkpoint is replaced atomically, so they read the last complete one.
+A process that trains in a run directory holds an exclusive ``flock`` on the directory itself
+for as long as it trains. Taking it writes nothing, so a refused command leaves the directory
+byte for byte as it was; the operating system drops it when the process ends, however it ends,
+so a killed run never leaves a stale lock. Once its checks pass, the writer signs its process
+id into ``.lock``, and a second ``train`` or ``resume`` is refused in one line naming it.
+Readers (``sample``, ``eval``) take no lock: every checkpoint is replaced atomically, so they
+read the last complete one.
 """
 
 from __future__ import annotations
@@ -69,23 +71,28 @@ class RunDirectory:
 
     def lock(self) -> None:
         """Become the directory's one writer, or fail naming the process that is."""
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip()
             os.close(fd)
-            who = f"process {holder}" if holder.isdigit() else "another process"
-            raise CharlmError(f"{self.path} is in use: {who} is training in it; wait for it to finish or stop it "
-                              "(Ctrl-C saves last.pt), then resume") from None
+            raise CharlmError(f"{self.path} is in use: {self.holder()} is training in it; wait for it to finish or "
+                              "stop it (Ctrl-C saves last.pt), then resume") from None
         self.lock_fd = fd
 
+    def holder(self) -> str:
+        """Who holds the lock, as its signature says."""
+        try:
+            signed = (self.path / LOCK).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            signed = ""
+        return f"process {signed}" if signed.isdigit() else "another process"
+
     def sign_lock(self) -> None:
-        """Write this process's id into the held lock, once every check has passed (a refused
+        """Write this process's id into ``.lock``, once every check has passed (a refused
         command leaves the directory as it found it)."""
         assert self.lock_fd is not None, "sign_lock needs the lock"
-        os.ftruncate(self.lock_fd, 0)
-        os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
+        (self.path / LOCK).write_text(f"{os.getpid()}\n", encoding="utf-8")
 
     def unlock(self) -> None:
         if self.lock_fd is not None:
