@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +29,8 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
 
+# Seconds a quiet rank waits before it exits: torchrun stops the whole job when one process ends.
+QUIET_RANK_GRACE = 2.0
 # Keys common enough to deserve a short option of their own in `charlm train`.
 TRAIN_SHORT_OPTIONS = {
     "data.path": "--data", "data.dir": "--data-dir", "train.out": "--out", "train.device": "--device",
@@ -84,6 +87,7 @@ def train(
 ) -> None:
     """Train a model on a text corpus (Tiny Shakespeare by default), with checkpoints in a run directory."""
     from .console import ConsoleReporter, console
+    from .training.distributed import is_quiet_rank
     from .training.loop import TrainingInterrupted
     from .training.runs import finetune_config, resume as resume_run, train as train_run
 
@@ -99,6 +103,8 @@ def train(
         else:
             train_run(load_config(config, given), reporter=reporter)
     except TrainingInterrupted as stop:
+        if is_quiet_rank():
+            raise typer.Exit(stop.exit_code)
         console.print(f"[bold yellow]{stop}[/]: saved {stop.checkpoint}; continue with: charlm train --resume {stop.checkpoint.parent}", soft_wrap=True)
         raise typer.Exit(stop.exit_code)
 
@@ -220,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, standalone_mode=False)
     except CharlmError as err:
-        print(f"charlm: error: {err}", file=sys.stderr)
+        from .training.distributed import is_quiet_rank
+        if getattr(err, "rank", None) is not None or not is_quiet_rank():
+            print(f"charlm: error: {err}", file=sys.stderr)
+        else:  # another rank of a torchrun job, refused as rank 0 is: rank 0 says why, before torchrun stops it
+            time.sleep(QUIET_RANK_GRACE)
         return 1
     except click_errors.NoArgsIsHelpError as err:
         print(err.ctx.get_help() if err.ctx else str(err))

@@ -65,8 +65,10 @@ class TrainConfig:
     log_interval: int = field(default=10, metadata={"help": "update the progress bar and metrics.jsonl every N steps"})
     seed: int = field(default=1337, metadata={"help": "random seed for weights, dropout and data order"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda|cuda:N|mps (auto picks CUDA when present)"})
-    precision: str = field(default="auto", metadata={"help": "auto|fp32|bf16 (auto: bf16 autocast where the hardware has it)"})
+    precision: str = field(default="auto", metadata={"help": "auto|fp32|bf16|fp16 (auto: bf16 autocast on a CPU that has it, else fp32; fp16 with a gradient scaler on CUDA)"})
     max_bad_steps: int = field(default=10, metadata={"help": "stop after this many consecutive non-finite losses"})
+    threads: int = field(default=0, metadata={"help": "CPU threads per process (0: PyTorch's default alone, the cores shared among the processes under torchrun)"})
+    backend: str = field(default="auto", metadata={"help": "torch.distributed backend under torchrun: auto|gloo|nccl (auto: NCCL on CUDA, gloo on the CPU)"})
 
 
 @dataclass
@@ -102,7 +104,8 @@ def bench_config() -> Config:
 CHOICES = {
     "data.encoding_errors": ("strict", "replace", "ignore"),
     "model.cell": ("rnn", "lstm", "gru"),
-    "train.precision": ("auto", "fp32", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.backend": ("auto", "gloo", "nccl"),
 }
 
 
@@ -224,6 +227,8 @@ def validate(config: Config) -> None:
                 "train.batch_size": t.batch_size, "train.seq_len": t.seq_len, "train.eval_interval": t.eval_interval,
                 "train.eval_batches": t.eval_batches, "train.checkpoint_interval": t.checkpoint_interval,
                 "train.log_interval": t.log_interval, "train.max_bad_steps": t.max_bad_steps}
+    if t.threads < 0:
+        raise CharlmError(f"config key 'train.threads' must be 0 (auto) or more, got {t.threads}")
     for key, value in positive.items():
         if value < 1:
             raise CharlmError(f"config key '{key}' must be at least 1, got {value}")

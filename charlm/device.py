@@ -43,26 +43,40 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def has_native_bf16(device: torch.device) -> bool:
-    """Whether bf16 runs fast and through the fused kernels on ``device``."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_fast_bf16()
-
-
 def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' means bf16 autocast where the device has native bf16, fp32 elsewhere. bf16 asked for on
-    a CPU or GPU without it is refused: oneDNN has no bf16 LSTM kernel for such CPUs, so the first
-    forward would fail deep inside it."""
+    """'auto' means bf16 autocast on a CPU with native bf16, fp32 elsewhere (TF32 products on CUDA).
+
+    bf16 on a CPU without native bf16 is refused: oneDNN has no bf16 LSTM kernel for it, so the
+    first forward would fail deep inside it. bf16 on CUDA is refused too: PyTorch's autocast
+    wrapper for cuDNN's recurrent layers (``_cudnn_rnn``, aten/src/ATen/cudnn/AutocastRNN.cpp)
+    casts the input, weights and states to fp16 whatever dtype autocast was given, so "bf16" would
+    train in fp16 without a gradient scaler. fp16 is that path done right: autocast with a
+    ``GradScaler``, on CUDA only.
+    """
     if name == "auto":
-        return "bf16" if has_native_bf16(device) else "fp32"
-    if name == "bf16" and device.type in ("cpu", "cuda") and not has_native_bf16(device):
-        needs = "a CPU with native bf16 (AVX-512 BF16 or AMX)" if device.type == "cpu" else f"a {device.type} device with bf16 support"
-        raise CharlmError(f"precision bf16 needs {needs} and this one has none; use precision fp32 or auto")
+        return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    if name == "bf16" and device.type == "cuda":
+        raise CharlmError("precision bf16 on CUDA would run the recurrent layers in fp16 (PyTorch's autocast casts "
+                          "cuDNN RNNs to fp16 whatever dtype it is given); use precision fp16, which adds a gradient "
+                          "scaler, or fp32")
+    if name == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        raise CharlmError("precision bf16 needs a CPU with native bf16 (AVX-512 BF16 or AMX) and this one has none; "
+                          "use precision fp32 or auto")
+    if name == "fp16" and device.type != "cuda":
+        raise CharlmError(f"precision fp16 is for CUDA GPUs (cuDNN with a gradient scaler) and this run is on {device}; "
+                          "use precision auto or fp32")
     return name
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
     return nullcontext()
+
+
+def gradient_scaler(precision: str) -> torch.amp.GradScaler | None:
+    """fp16 training's loss scaler (its gradients would underflow without one); None otherwise."""
+    return torch.amp.GradScaler("cuda") if precision == "fp16" else None

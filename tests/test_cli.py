@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from charlm import files as files_module
-from charlm.device import cpu_has_fast_bf16
+from charlm import device as device_module
 from tests.conftest import TINY, charlm_process, one_line_error, snapshot
 
 
@@ -165,10 +165,12 @@ def test_unavailable_device(cli, ascii_corpus, trained):
     one_line_error(*cli("sample", trained, "--device", "cuda")[::2], "not available")
 
 
-@pytest.mark.skipif(cpu_has_fast_bf16(), reason="this CPU runs bf16 natively")
-def test_bf16_refused_on_a_cpu_without_it(cli, ascii_corpus, tmp_path):
+def test_bf16_refused_on_a_cpu_without_it_and_fp16_off_cuda(cli, ascii_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: False)  # as on an AVX2-only CPU
     code, _, err = cli("train", "--data", ascii_corpus, *TINY, "--train.precision", "bf16", "--out", tmp_path / "bf16")
     one_line_error(code, err, "native bf16", "fp32 or auto")
+    code, _, err = cli("train", "--data", ascii_corpus, *TINY, "--train.precision", "fp16", "--device", "cpu", "--out", tmp_path / "bf16")
+    one_line_error(code, err, "fp16 is for CUDA GPUs", "auto or fp32")
     assert not (tmp_path / "bf16").exists()
 
 

@@ -11,14 +11,16 @@ class StreamBatcher:
     batch stopped, so the hidden state can be carried over. The position
     (epoch, offset) and the generator fully determine the next batch, which is
     what makes an exact resume possible. Each stream needs at least ``seq_len + 1`` ids.
+    ``rows`` keeps a block of the ``batch_size`` streams (one rank's share of a distributed
+    batch): the streams, lengths and positions are those of the whole batch.
     """
 
     def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int,
-                 random_seq_len: bool = False, generator: torch.Generator | None = None):
+                 random_seq_len: bool = False, generator: torch.Generator | None = None, rows: slice = slice(None)):
         self.stream_len = (len(data) - 1) // batch_size
         usable = batch_size * self.stream_len
-        self.inputs = data[:usable].view(batch_size, self.stream_len)
-        self.targets = data[1:usable + 1].view(batch_size, self.stream_len)
+        self.inputs = data[:usable].view(batch_size, self.stream_len)[rows]
+        self.targets = data[1:usable + 1].view(batch_size, self.stream_len)[rows]
         self.seq_len = seq_len
         self.random_seq_len = random_seq_len
         self.generator = generator

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from ..config import TrainConfig, parse_duration
 
 
+# Every answer of ``StopBudget.stop_reason``, in a fixed order (ranks agree on one by its index).
+STOP_REASONS = (None, "max_steps", "max_epochs", "max_time")
+
+
 @dataclass
 class Position:
     """Where a run is: optimizer steps, passes over the training split, seconds of training."""

@@ -24,7 +24,8 @@ from ..errors import CharlmError
 from ..evaluation import EvalResult, mean_loss
 from ..model.charrnn import CharRNN, map_hidden, sequence_loss
 from ..model.checkpoint import save_checkpoint
-from .budget import Position, StopBudget
+from .budget import STOP_REASONS, Position, StopBudget
+from .distributed import SINGLE_PROCESS, Job
 from .metrics import MetricsWriter
 from .rundir import RunDirectory
 from .setup import TrainingSetup
@@ -75,27 +76,36 @@ def learning_rate(train: TrainConfig, step: int, progress: float | None) -> floa
 
 
 def optimizer_step(model: CharRNN, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-                   hidden, precision: str, grad_clip: float) -> tuple[float | None, Any]:
+                   hidden, precision: str, grad_clip: float, forward: Callable | None = None,
+                   job: Job = SINGLE_PROCESS, scaler: torch.amp.GradScaler | None = None) -> tuple[float | None, Any]:
     """Forward, loss, backward, clipping and update for one batch; returns (loss, detached hidden).
 
-    A non-finite loss or gradient skips the update and returns (None, None): the
-    hidden state that produced it is dropped too. The loss and the gradient norm
-    come back to the host together: one wait for a GPU per step, not two.
+    ``forward`` is the model as DDP wraps it in a distributed job (the gradients are then the
+    whole batch's on every rank, so the clipping norm is the global one) and the loss is the mean
+    over the ranks. A non-finite loss, or gradient without a ``scaler``, skips the update on
+    every rank and returns (None, None): the hidden state that produced it is dropped too. With
+    fp16's ``scaler`` an overflowing gradient is the scaler's to skip, as it lowers its scale.
+    The loss and the gradient norm come back to the host together: one wait for a GPU per step.
     """
     device = inputs.device
     with model.weight_drop():
         with autocast(device, precision):
-            logits, hidden = model(inputs, hidden)
+            logits, hidden = (forward or model)(inputs, hidden)
             loss = sequence_loss(logits, targets)
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    loss_value, norm_value = torch.stack([loss.detach().float(), norm.float()]).tolist()
-    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        optimizer.zero_grad(set_to_none=True)
-        return None, None
-    optimizer.step()
+    loss_value, norm_value = job.mean(torch.stack([loss.detach().float(), norm.float()])).tolist()
+    finite = math.isfinite(loss_value) and (scaler is not None or math.isfinite(norm_value))
+    if scaler is not None:
+        if finite:
+            scaler.step(optimizer)
+        scaler.update()
+    elif finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, map_hidden(torch.Tensor.detach, hidden)
+    return (loss_value, map_hidden(torch.Tensor.detach, hidden)) if finite else (None, None)
 
 
 @contextmanager
@@ -112,6 +122,16 @@ def stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def distributed_model(model: CharRNN, job: Job) -> Callable:
+    """The model as a distributed job trains it (DDP, which averages the gradients over the ranks),
+    or the model itself for one process."""
+    if not job.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 class LogWindow:
@@ -135,11 +155,13 @@ class Trainer:
     def __init__(self, setup: TrainingSetup, run: RunDirectory, reporter: Reporter | None = None,
                  init_from: str | None = None, changes: dict[str, tuple[Any, Any]] | None = None):
         """``init_from``: the checkpoint a fine-tune took its weights from; ``changes``: the options a
-        resume changed ({key: (saved, now)}), both shown in the summary."""
-        self.setup, self.config, self.run_dir = setup, setup.config, run
+        resume changed ({key: (saved, now)}), both shown in the summary. In a distributed job only
+        rank 0 reports, writes metrics and saves; every rank trains its own streams."""
+        self.setup, self.config, self.run_dir, self.job = setup, setup.config, run, setup.job
         self.model, self.optimizer, self.batcher = setup.model, setup.optimizer, setup.batcher
-        self.reporter = reporter or Reporter()
-        self.metrics = MetricsWriter(run.path)
+        self.forward = distributed_model(self.model, self.job)
+        self.reporter = reporter if reporter is not None and self.job.is_main else Reporter()
+        self.metrics = MetricsWriter(run.path, enabled=self.job.is_main)
         self.budget = StopBudget(self.config.train, setup.final_eval_windows)
         self.init_from, self.changes = init_from, changes or {}
         self.step, self.elapsed, self.best_val_loss = 0, 0.0, math.inf
@@ -152,8 +174,13 @@ class Trainer:
         return Position(self.step, self.batcher.epochs_done, self.elapsed)
 
     def state(self) -> dict[str, Any]:
-        """Everything a checkpoint holds: enough to sample from, and to continue bit-for-bit."""
+        """Everything a checkpoint holds: enough to sample from, and to continue bit-for-bit.
+
+        In a distributed job every rank takes part (the hidden states of all streams and every
+        rank's RNG state are gathered); rank 0 saves it."""
         device, corpus = self.setup.device, self.setup.corpus
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        every_rng = self.job.every_rank(rng)
         return {
             "config": self.config.to_dict(),
             "vocab": self.setup.vocab.chars,
@@ -163,34 +190,41 @@ class Trainer:
             "elapsed": self.elapsed,
             "best_val_loss": self.best_val_loss,
             "data": self.batcher.state_dict(),
-            "hidden": map_hidden(torch.Tensor.cpu, self.hidden),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "data": self.setup.data_generator.get_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            },
+            "hidden": map_hidden(torch.Tensor.cpu, self.job.whole_batch(self.hidden)),
+            "rng": {**every_rng[0], "data": self.setup.data_generator.get_state(), "ranks": every_rng},
             "corpus": {"path": str(corpus.path), "sha256": corpus.sha256, "chars": len(corpus), "skipped": corpus.skipped},
             "init_from": self.init_from,
+            "job": {"world_size": self.job.world_size, "backend": self.job.backend},
+            "scaler": self.setup.scaler.state_dict() if self.setup.scaler else None,
         }
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from ``checkpoint``: this rank's rows of its streams' hidden states and, where the
+        job has the shape that saved it, this rank's RNG state (else rank 0's: every rank's is alike)."""
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.setup.scaler is not None and checkpoint.get("scaler"):
+            self.setup.scaler.load_state_dict(checkpoint["scaler"])
         self.step = int(checkpoint["step"])
         self.elapsed = float(checkpoint["elapsed"])
         self.best_val_loss = float(checkpoint["best_val_loss"])
         self.init_from = checkpoint["init_from"]
         self.batcher.load_state_dict(checkpoint["data"])
-        self.hidden = map_hidden(lambda h: h.to(self.setup.device), checkpoint["hidden"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
+        rows = self.job.rows(self.config.train.batch_size)
+        self.hidden = map_hidden(lambda h: h[:, rows].to(self.setup.device), checkpoint["hidden"])
+        saved_ranks = checkpoint["rng"].get("ranks") or [checkpoint["rng"]]
+        rng = saved_ranks[self.job.rank] if len(saved_ranks) == self.job.world_size else saved_ranks[0]
+        torch.set_rng_state(rng["torch"])
         self.setup.data_generator.set_state(checkpoint["rng"]["data"])
-        if checkpoint["rng"]["cuda"] is not None and self.setup.device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.setup.device)
+        if rng["cuda"] is not None and self.setup.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.setup.device)
 
     def checkpoint(self, best: bool, last: bool) -> None:
         if not (best or last):
             return
         state = self.state()
+        if not self.job.is_main:
+            return
         if last:
             save_checkpoint(state, self.run_dir.last)
         if best:
@@ -200,15 +234,16 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train until the budget is spent, evaluate on the whole validation split, report."""
-        self.run_dir.write_config(self.config)
+        if self.job.is_main:
+            self.run_dir.write_config(self.config)
         self.reporter.start(self.summary())
         try:
             with stop_signals(self.on_signal):
                 stopped_by = self.loop()
-            final = mean_loss(self.model, self.setup.val_data, self.setup.device, self.setup.precision)
-            self.metrics.final(self.step, self.elapsed, final.loss)
+            final = self.final_evaluation()
         finally:
             self.reporter.close()
+            self.forward = self.model  # DDP goes before its process group does (see Job.stop)
         result = TrainResult(self.run_dir.path, self.step, self.batcher.epochs_done, self.elapsed, stopped_by,
                              self.best_val_loss, final)
         self.reporter.finished(result)
@@ -218,12 +253,9 @@ class Trainer:
         t = self.config.train
         window, bad_steps = LogWindow(), 0
         last_eval_step = self.step if self.step else -1
-        while (stopped_by := self.budget.stop_reason(self.position())) is None:
+        while (stopped_by := self.agreed_stop()) is None:
             loss, chars = self.train_step()
             bad_steps = 0 if loss is not None else self.skipped(bad_steps + 1)
-            if self.stop_signal is not None:
-                self.checkpoint(best=False, last=True)
-                raise TrainingInterrupted(self.stop_signal, self.run_dir.last)
             if loss is None:
                 continue
             window.add(loss, chars)
@@ -236,6 +268,16 @@ class Trainer:
         self.checkpoint(last_eval_step != self.step and self.periodic_eval(), True)
         return stopped_by
 
+    def agreed_stop(self) -> str | None:
+        """Why to stop now (None: go on), the same on every rank: the budget's verdict (any rank's
+        clock may end the run) or a signal, which saves last.pt and raises ``TrainingInterrupted``."""
+        reason = self.budget.stop_reason(self.position())
+        code, signum = self.job.largest([STOP_REASONS.index(reason), self.stop_signal or 0], self.setup.device)
+        if signum:
+            self.checkpoint(best=False, last=True)
+            raise TrainingInterrupted(int(signum), self.run_dir.last)
+        return STOP_REASONS[int(code)]
+
     def train_step(self) -> tuple[float | None, int]:
         """One optimizer step: (loss, characters), the loss None when not finite and the step skipped."""
         started = time.perf_counter()
@@ -246,11 +288,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, self.hidden = optimizer_step(self.model, self.optimizer, inputs.long(), targets.long(), self.hidden,
-                                           self.setup.precision, self.config.train.grad_clip)
+                                           self.setup.precision, self.config.train.grad_clip, self.forward, self.job,
+                                           self.setup.scaler)
         if loss is not None:
             self.step += 1
         self.elapsed += time.perf_counter() - started
-        return loss, 0 if loss is None else targets.numel()
+        return loss, 0 if loss is None else targets.numel() * self.job.world_size
 
     def skipped(self, bad_steps: int) -> int:
         """Note a step skipped for a non-finite loss; stop once ``max_bad_steps`` came in a row."""
@@ -272,17 +315,27 @@ class Trainer:
                                self.budget.seconds_left(at))
 
     def periodic_eval(self) -> bool:
-        """Evaluate on part of the validation split; True when this is the best loss so far."""
-        started = time.perf_counter()
-        result = mean_loss(self.model, self.setup.val_data, self.setup.device, self.setup.precision,
-                          max_batches=self.config.train.eval_batches)
-        self.budget.evaluated(time.perf_counter() - started)
-        is_best = result.loss < self.best_val_loss
-        if is_best:
-            self.best_val_loss = result.loss
-        self.metrics.evaluation(self.step, self.elapsed, result.loss)
-        self.reporter.evaluated(self.step, result.loss, is_best)
-        return is_best
+        """Evaluate on part of the validation split (rank 0 alone; the others wait at their next step);
+        True, on every rank, when this is the best loss so far."""
+        is_best = False
+        if self.job.is_main:
+            started = time.perf_counter()
+            result = mean_loss(self.model, self.setup.val_data, self.setup.device, self.setup.precision,
+                               max_batches=self.config.train.eval_batches)
+            self.budget.evaluated(time.perf_counter() - started)
+            is_best = result.loss < self.best_val_loss
+            self.best_val_loss = min(self.best_val_loss, result.loss)
+            self.metrics.evaluation(self.step, self.elapsed, result.loss)
+            self.reporter.evaluated(self.step, result.loss, is_best)
+        return bool(self.job.from_main(float(is_best), self.setup.device))
+
+    def final_evaluation(self) -> EvalResult:
+        """The whole validation split, on rank 0; its figures on every rank."""
+        final = EvalResult(0.0, 0)
+        if self.job.is_main:
+            final = mean_loss(self.model, self.setup.val_data, self.setup.device, self.setup.precision)
+            self.metrics.final(self.step, self.elapsed, final.loss)
+        return EvalResult(self.job.from_main(final.loss, self.setup.device), int(self.job.from_main(final.chars, self.setup.device)))
 
     def on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
@@ -301,7 +354,9 @@ class Trainer:
             "initialised from": self.init_from,
             "device": str(self.setup.device),
             "precision": self.setup.precision,
-            "batch": f"{t.batch_size} streams x {t.seq_len} chars",
+            "batch": f"{t.batch_size} streams x {t.seq_len} chars"
+                     + (f", {t.batch_size // self.job.world_size} per process" if self.job.distributed else ""),
+            "processes": f"{self.job.world_size} ({self.job.backend}, DistributedDataParallel)" if self.job.distributed else None,
             "resumed at step": self.step or None,
             "changed on resume": ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in self.changes.items()) or None,
         }

@@ -21,10 +21,12 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsWriter:
-    """Appends records to ``run_dir/metrics.jsonl``, one line each, flushed as they come."""
+    """Appends records to ``run_dir/metrics.jsonl``, one line each, flushed as they come; writes
+    nothing where not ``enabled`` (the ranks of a distributed job other than 0)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, enabled: bool = True):
         self.path = Path(run_dir) / METRICS_FILE
+        self.enabled = enabled
 
     def training(self, step: int, elapsed: float, loss: float, lr: float, chars_per_sec: float, epoch: float) -> None:
         self.append({"step": step, "elapsed": elapsed, "loss": loss, "lr": lr, "chars_per_sec": chars_per_sec, "epoch": epoch})
@@ -56,6 +58,8 @@ class MetricsWriter:
 
     def write(self, action: Callable[[], Any]) -> None:
         """Run a write, turning a failure (a full disk, say) into one line."""
+        if not self.enabled:
+            return
         try:
             action()
         except OSError as err:

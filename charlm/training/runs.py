@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
+
+import torch
 
 from ..config import Config, ModelConfig, load_config
 from ..data.corpus import open_corpus
@@ -19,6 +22,7 @@ from ..data.vocab import Vocab
 from ..errors import CharlmError
 from ..model.checkpoint import load_checkpoint, resolve, training_corpus
 from .loop import Reporter, Trainer, TrainResult
+from .distributed import Job, job_from_environment
 from .rundir import RunDirectory
 from .setup import build_training
 
@@ -27,7 +31,7 @@ from .setup import build_training
 RESUMABLE = frozenset({
     "train.max_time", "train.max_steps", "train.max_epochs", "train.eval_interval", "train.eval_batches",
     "train.checkpoint_interval", "train.log_interval", "train.max_bad_steps", "train.min_lr",
-    "train.device", "train.precision", "data.dir",
+    "train.device", "train.precision", "train.threads", "train.backend", "data.dir",
 })
 # Why the other options may not change on resume.
 FROZEN_BECAUSE = {
@@ -85,24 +89,49 @@ def finetune_config(init_from: str | Path, path: str | Path | None = None, overr
     return config
 
 
+@contextmanager
+def one_writer(run: RunDirectory, job: Job, device: torch.device, check: Callable[[], None]) -> Iterator[None]:
+    """Rank 0 (the one process of a plain run) takes the run directory's lock and runs ``check``
+    under it, then signs the lock; every rank learns the verdict, the others stop quietly on a refusal."""
+    failure = None
+    if job.is_main:
+        try:
+            run.lock()
+            check()
+            run.sign_lock()
+        except CharlmError as err:
+            run.unlock()
+            failure = err
+    job.agree(failure, device)
+    try:
+        yield
+    finally:
+        run.unlock()
+
+
 def train(config: Config, *, init_from: str | Path | None = None, reporter: Reporter | None = None) -> TrainResult:
     """Train a new run into ``config.train.out``, from fresh weights or those of ``init_from``
     (a run directory, checkpoint file or 'pretrained'). A directory that holds a run is refused:
-    continue it with ``resume``."""
-    run = RunDirectory(config.train.out)
-    run.refuse_existing_run()
+    continue it with ``resume``. Under torchrun every process calls this; when torchrun restarts
+    the job after a lost process (--max-restarts), it continues from the run's last.pt."""
+    job, run = job_from_environment(), RunDirectory(config.train.out)
+    if job.restart and run.last.is_file():
+        return resume(run.path, reporter=reporter)
+    check = (lambda: None) if job.restart else run.refuse_existing_run  # a restarted job's own first attempt
+    check()
     source, source_path = None, None
     if init_from is not None:
         source_path = resolve(init_from)
         source = load_checkpoint(source_path)
         refuse_model_changes(source["config"]["model"], config.model, str(init_from))
     vocab = Vocab(source["vocab"]) if source else None
-    setup = build_training(config, open_corpus(config.data, vocab), source["model"] if source else None)
-    run.create()
-    with run.writer():
-        run.refuse_existing_run()  # another process may have started a run there meanwhile
-        run.sign_lock()
-        return Trainer(setup, run, reporter, init_from=str(source_path) if source_path else None).run()
+    setup = build_training(config, open_corpus(config.data, vocab), source["model"] if source else None, job)
+    if job.is_main:
+        run.create()
+    with job.running(setup.device, config.train.backend), one_writer(run, job, setup.device, check):
+        trainer = Trainer(setup, run, reporter, init_from=str(source_path) if source_path else None)
+        trainer.metrics.forget_after(0)  # the records of a restarted job's first attempt
+        return trainer.run()
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, reporter: Reporter | None = None) -> TrainResult:
@@ -110,16 +139,23 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, repo
 
     ``overrides`` ({'train.max_steps': 5000}) may change the options in ``RESUMABLE``; they are
     written into config.toml and noted in metrics.jsonl. Anything else is refused before the run
-    directory is touched."""
-    run = RunDirectory(run_dir)
+    directory is touched. Under torchrun each process continues its own streams, also with another
+    number of processes than the job that saved the run (the global batch stays the saved one)."""
+    job, run = job_from_environment(), RunDirectory(run_dir)
     last = run.require_last()
-    with run.writer():
-        checkpoint = load_checkpoint(last)
-        config, changes = resumed_config(checkpoint["config"], overrides or {}, run.path)
-        corpus = training_corpus(config, checkpoint, str(run.path),
-                                 f"put the original back, or fine-tune on this text with --init-from {run.path} --out DIR")
-        setup = build_training(config, corpus)
-        run.sign_lock()
+    saved = last.stat()
+    checkpoint = load_checkpoint(last)
+    config, changes = resumed_config(checkpoint["config"], overrides or {}, run.path)
+    corpus = training_corpus(config, checkpoint, str(run.path),
+                             f"put the original back, or fine-tune on this text with --init-from {run.path} --out DIR")
+    setup = build_training(config, corpus, job=job)
+
+    def unchanged() -> None:  # the run may have gone on between reading last.pt and taking the lock
+        now = last.stat()
+        if (now.st_mtime_ns, now.st_size) != (saved.st_mtime_ns, saved.st_size):
+            raise CharlmError(f"{last} changed while it was read (the run was training); resume again")
+
+    with job.running(setup.device, config.train.backend), one_writer(run, job, setup.device, unchanged):
         trainer = Trainer(setup, run, reporter, changes=changes)
         trainer.restore(checkpoint)
         trainer.metrics.forget_after(trainer.step)

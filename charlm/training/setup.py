@@ -17,10 +17,11 @@ from ..config import Config, TrainConfig
 from ..data.batches import StreamBatcher, eval_window_count
 from ..data.corpus import Corpus
 from ..data.vocab import Vocab
-from ..device import resolve_device, resolve_precision
+from ..device import gradient_scaler, resolve_device, resolve_precision
 from ..errors import CharlmError
 from ..evaluation import EVAL_BATCH, EVAL_SEQ_LEN
 from ..model.charrnn import CharRNN
+from .distributed import Job, threads_per_rank
 
 
 @dataclass
@@ -35,6 +36,8 @@ class TrainingSetup:
     optimizer: torch.optim.AdamW
     batcher: StreamBatcher
     data_generator: torch.Generator
+    job: Job
+    scaler: torch.amp.GradScaler | None  # fp16's loss scaler
 
     @property
     def vocab(self) -> Vocab:
@@ -73,19 +76,24 @@ def split_corpus(corpus: Corpus, config: Config) -> tuple[torch.Tensor, torch.Te
     return train_data, val_data
 
 
-def build_training(config: Config, corpus: Corpus, weights: dict[str, Any] | None = None) -> TrainingSetup:
+def build_training(config: Config, corpus: Corpus, weights: dict[str, Any] | None = None, job: Job | None = None) -> TrainingSetup:
     """Build a run from ``config`` on ``corpus`` (its ids in the model's vocabulary): fresh weights
-    seeded by ``train.seed``, or ``weights`` (a state dict, when fine-tuning)."""
-    t = config.train
-    device = resolve_device(t.device)
+    seeded by ``train.seed``, or ``weights`` (a state dict, when fine-tuning), and this rank's
+    streams of ``job`` (every rank seeds alike, so all start from the same weights)."""
+    t, job = config.train, job or Job()
+    job.check_batch(t.batch_size)
+    device = resolve_device(job.device_name(t.device))
     precision = resolve_precision(t.precision, device)
     train_data, val_data = split_corpus(corpus, config)
+    threads = threads_per_rank(job, t.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     torch.manual_seed(t.seed)
     model = CharRNN(len(corpus.vocab), config.model)
     if weights is not None:
         model.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
     model.to(device)
     generator = torch.Generator().manual_seed(t.seed)
-    batcher = StreamBatcher(train_data.to(device), t.batch_size, t.seq_len, t.random_seq_len, generator)
+    batcher = StreamBatcher(train_data.to(device), t.batch_size, t.seq_len, t.random_seq_len, generator, job.rows(t.batch_size))
     return TrainingSetup(config, device, precision, corpus, len(train_data), val_data.to(device), model,
-                         build_optimizer(model, t), batcher, generator)
+                         build_optimizer(model, t), batcher, generator, job, gradient_scaler(precision))
