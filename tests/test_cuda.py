@@ -59,4 +59,4 @@ def test_two_ranks_on_two_gpus_with_nccl(ascii_corpus, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert saved["job"] == {"world_size": 2, "backend": "nccl"} and saved["step"] == 20
+    assert saved["job"]["world_size"] == 2 and saved["job"]["backend"] == "nccl" and saved["step"] == 20

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from charlm.model.checkpoint import load_checkpoint
-from tests.conftest import TINY_OPTIONS, wait_for
+from tests.conftest import TINY_OPTIONS, snapshot, wait_for
 
 # Dropout off and a tight gradient clip: N processes and one then do the same arithmetic, bar rounding.
 EXACT = [*TINY_OPTIONS, "--model.layers", 2, "--model.dropout", 0, "--model.output-dropout", 0,
@@ -84,7 +84,7 @@ def test_two_processes_end_with_the_weights_of_one(cli, ascii_corpus, tmp_path):
     code, _, err = cli("train", "--data", ascii_corpus, *EXACT, "--max-steps", 30, "--out", tmp_path / "one")
     assert code == 0, err
     two, one = load_checkpoint(tmp_path / "two" / "last.pt"), load_checkpoint(tmp_path / "one" / "last.pt")
-    assert two["job"] == {"world_size": 2, "backend": "gloo"} and two["step"] == one["step"] == 30
+    assert two["job"]["world_size"] == 2 and two["job"]["backend"] == "gloo" and two["step"] == one["step"] == 30
     for name, tensor in one["model"].items():
         torch.testing.assert_close(two["model"][name], tensor, atol=1e-5, rtol=0)
     for mine, theirs in zip(two["hidden"], one["hidden"]):  # every stream's state, gathered from both ranks
@@ -170,3 +170,15 @@ def test_bad_distributed_input_is_one_line(ascii_corpus, tmp_path, options, mess
     lines = charlm_lines(err)
     assert len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_restarted_job_never_resumes_a_run_it_did_not_start(cli, ascii_corpus, tmp_path):
+    """Refused because --out holds another run, the job is restarted by torchrun: it is refused again."""
+    code, _, err = cli("train", "--data", ascii_corpus, *EXACT, "--max-steps", 10, "--out", tmp_path / "run")
+    assert code == 0, err
+    before = snapshot(tmp_path / "run")
+    job = torchrun("train", "--data", ascii_corpus, *EXACT, "--max-steps", 20, "--out", tmp_path / "run",
+                   launcher=["--standalone", "--nproc-per-node", 2, "--max-restarts", 1])
+    code, err = finished(job)
+    assert code != 0 and charlm_lines(err) and all("already holds a run" in line for line in charlm_lines(err)), err
+    assert snapshot(tmp_path / "run") == before

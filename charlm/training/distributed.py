@@ -46,6 +46,7 @@ class Job:
     local_rank: int = 0
     local_world_size: int = 1
     restart: int = 0  # how often torchrun restarted the job (--max-restarts)
+    run_id: str | None = None  # torchrun's id of the job, the same across its restarts
     backend: str | None = None  # set once the process group is up
     started: bool = field(default=False, repr=False)
 
@@ -207,7 +208,7 @@ def job_from_environment() -> Job:
     try:
         return Job(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)),
                    local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
-                   restart=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+                   restart=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)), run_id=env.get("TORCHELASTIC_RUN_ID"))
     except ValueError:
         raise CharlmError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers: start charlm with torchrun") from None
 

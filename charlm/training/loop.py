@@ -194,7 +194,7 @@ class Trainer:
             "rng": {**every_rng[0], "data": self.setup.data_generator.get_state(), "ranks": every_rng},
             "corpus": {"path": str(corpus.path), "sha256": corpus.sha256, "chars": len(corpus), "skipped": corpus.skipped},
             "init_from": self.init_from,
-            "job": {"world_size": self.job.world_size, "backend": self.job.backend},
+            "job": {"world_size": self.job.world_size, "backend": self.job.backend, "run_id": self.job.run_id},
             "scaler": self.setup.scaler.state_dict() if self.setup.scaler else None,
         }
 

@@ -109,15 +109,23 @@ def one_writer(run: RunDirectory, job: Job, device: torch.device, check: Callabl
         run.unlock()
 
 
+def written_by(checkpoint: Path, job: Job) -> bool:
+    """Whether ``checkpoint`` was saved by an earlier attempt of this very torchrun job, which
+    torchrun restarted after it lost a process (its run id stays, its restart count grows)."""
+    if not (job.restart and job.run_id and checkpoint.is_file()):
+        return False
+    return (load_checkpoint(checkpoint).get("job") or {}).get("run_id") == job.run_id
+
+
 def train(config: Config, *, init_from: str | Path | None = None, reporter: Reporter | None = None) -> TrainResult:
     """Train a new run into ``config.train.out``, from fresh weights or those of ``init_from``
     (a run directory, checkpoint file or 'pretrained'). A directory that holds a run is refused:
     continue it with ``resume``. Under torchrun every process calls this; when torchrun restarts
     the job after a lost process (--max-restarts), it continues from the run's last.pt."""
     job, run = job_from_environment(), RunDirectory(config.train.out)
-    if job.restart and run.last.is_file():
+    if written_by(run.last, job):
         return resume(run.path, reporter=reporter)
-    check = (lambda: None) if job.restart else run.refuse_existing_run  # a restarted job's own first attempt
+    check = (lambda: None) if written_by(run.best, job) else run.refuse_existing_run  # this job's first attempt
     check()
     source, source_path = None, None
     if init_from is not None:
