@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import asdict
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,7 @@ def sample(
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed; the same seed gives the same text", show_default="random"),
     num_samples: int = typer.Option(1, "--num-samples", help="independent samples, generated as one batch"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
+    adapt: Optional[Path] = typer.Option(None, "--adapt", help="first adapt the model to this text file by dynamic evaluation (steers the style; the checkpoint is not changed)", show_default=False),
 ) -> None:
     """Generate text from a checkpoint, printed as it is produced (one sample streams in constant memory)."""
     from .device import resolve_device
@@ -130,6 +132,9 @@ def sample(
                               seed=seed, num_samples=num_samples)
     settings.validate()
     model, vocab, _, _ = load_model(checkpoint, resolve_device(device))
+    if adapt is not None:
+        from .dynamic import adapted_to
+        model = adapted_to(model, vocab, adapt)
     out = sys.stdout
     if num_samples == 1:
         pieces = stream(model, vocab, prime, settings)  # refuses bad input before the prime is printed
@@ -151,19 +156,29 @@ def evaluate_command(
     skip_unknown: bool = typer.Option(False, "--skip-unknown", help="leave out characters the model never saw, and count them"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
+    dynamic: bool = typer.Option(False, "--dynamic", help="dynamic evaluation: score each segment, then learn from it (the checkpoint on disk is not changed)"),
+    dynamic_lr: Optional[float] = typer.Option(None, "--dynamic-lr", help="step size of the RMS-normalised update", show_default="tuned, see docs/RESULTS.md"),
+    dynamic_decay: Optional[float] = typer.Option(None, "--dynamic-decay", help="pull toward the trained weights per segment", show_default="tuned"),
+    dynamic_segment: Optional[int] = typer.Option(None, "--dynamic-segment", help="characters scored, then learned from, at a time", show_default="tuned"),
 ) -> None:
     """Loss (nats/char), bits per char and perplexity of a checkpoint."""
-    from .console import eval_table
+    from .console import eval_table, progress_bar
+    from .dynamic import dynamic_settings
     from .evaluation import evaluate
 
-    report = evaluate(checkpoint, data, device=device, data_dir=data_dir, skip_unknown=skip_unknown)
+    settings = dynamic_settings(lr=dynamic_lr, decay=dynamic_decay, segment=dynamic_segment) if dynamic else None
+    with progress_bar("dynamic evaluation", disable=as_json or not dynamic) as on_progress:
+        report = evaluate(checkpoint, data, device=device, data_dir=data_dir, skip_unknown=skip_unknown,
+                          dynamic=settings, on_progress=on_progress)
     if as_json:
         print(json.dumps({"checkpoint": report.checkpoint, "data": report.source, "skipped_chars": report.skipped,
-                          "step": report.step, **report.result.to_dict()}))
+                          "step": report.step, "dynamic": asdict(settings) if settings else None, **report.result.to_dict()}))
         return
     from rich.console import Console
 
     extra = {"checkpoint": report.checkpoint, "data": report.source}
+    if settings:
+        extra["dynamic evaluation"] = f"lr {settings.lr:g}, decay {settings.decay:g}, segment {settings.segment}"
     if report.skipped:
         extra["unknown characters skipped"] = f"{report.skipped:,}"
     Console().print(eval_table("charlm eval", report.result, extra))

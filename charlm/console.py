@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.table import Table
@@ -90,6 +91,20 @@ class ConsoleReporter(Reporter):
             f"{result.elapsed:.0f}s, stopped by {result.stopped_by})", result.final,
             {"best periodic val loss": f"{result.best_val_loss:.4f}", "run": str(result.run_dir)},
         ))
+
+
+@contextmanager
+def progress_bar(title: str, disable: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr for the block, fed by the ``(done, total)`` callback it yields."""
+    bar = tqdm(desc=title, unit="char", unit_scale=True, dynamic_ncols=True, disable=disable, file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 def bench_line(name: str, value: dict[str, Any]) -> str:

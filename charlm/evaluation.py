@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -16,6 +17,9 @@ from .device import autocast, resolve_device, resolve_precision
 from .errors import CharlmError
 from .model.charrnn import CharRNN, sequence_loss
 from .model.checkpoint import LoadedModel, load_model, training_corpus
+
+if TYPE_CHECKING:
+    from .dynamic import DynamicSettings
 
 # The validation text is read as 16 contiguous streams, the hidden state carried through each:
 # every stream starts cold once, so fewer streams measure the model more truly but run slower
@@ -81,10 +85,13 @@ def text_ids(path: str | Path, vocab: Vocab, skip_unknown: bool) -> tuple[torch.
 
 
 def evaluate(checkpoint: str | Path | LoadedModel | None = None, data: str | Path | None = None, *,
-             device: str = "auto", data_dir: str | None = None, skip_unknown: bool = False) -> TextEvaluation:
+             device: str = "auto", data_dir: str | None = None, skip_unknown: bool = False,
+             dynamic: "DynamicSettings | None" = None, on_progress: Callable[[int, int], None] | None = None) -> TextEvaluation:
     """Loss of a checkpoint (a file, a run directory, 'pretrained' or None for the bundled model, or a
     ``load_model`` result) on ``data`` (a whole text file) or, without it, on the validation split of
-    the corpus it was trained on (found under ``data_dir`` when given)."""
+    the corpus it was trained on (found under ``data_dir`` when given). With ``dynamic`` settings the
+    text is read as one stream by dynamic evaluation (``charlm.dynamic``); ``on_progress(done, total)``
+    then hears of each segment."""
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, resolve_device(device))
     target = next(loaded.model.parameters()).device
     if data is None:
@@ -95,5 +102,9 @@ def evaluate(checkpoint: str | Path | LoadedModel | None = None, data: str | Pat
         (ids, skipped), source = text_ids(data, loaded.vocab, skip_unknown), str(data)
     if len(ids) < 2:
         raise CharlmError(f"{source} is too short to evaluate (it needs at least 2 known characters)")
-    result = mean_loss(loaded.model, ids.to(target), target, resolve_precision("auto", target))
+    if dynamic is None:
+        result = mean_loss(loaded.model, ids.to(target), target, resolve_precision("auto", target))
+    else:
+        from .dynamic import dynamic_loss
+        result, _ = dynamic_loss(loaded.model, ids, dynamic, on_progress)
     return TextEvaluation(result, loaded.checkpoint["path"], loaded.checkpoint.get("step"), source, skipped)
