@@ -185,6 +185,42 @@ def evaluate_command(
 
 
 @app.command()
+def info(
+    checkpoint: Optional[str] = typer.Argument(None, help="run directory (uses best.pt), checkpoint file, or 'pretrained'", show_default="the bundled pretrained model"),
+    as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+) -> None:
+    """What a checkpoint is: model, vocabulary, training, corpus, versions (the model is not built)."""
+    from .runinfo import checkpoint_info
+
+    facts = checkpoint_info(checkpoint)
+    if as_json:
+        print(json.dumps(facts))
+        return
+    from rich.console import Console
+
+    from .console import info_table
+    Console().print(info_table(facts))
+
+
+@app.command()
+def runs(
+    directory: Path = typer.Argument(Path("runs"), help="folder that holds run directories (searched at any depth)"),
+    as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+) -> None:
+    """Every run under a folder: model, steps, training time, best validation loss, status."""
+    from .runinfo import list_runs
+
+    found = list_runs(directory)
+    if as_json:
+        print(json.dumps(found))
+        return
+    from rich.console import Console
+
+    from .console import runs_table
+    Console().print(runs_table(found) if found else f"no runs under {directory}")
+
+
+@app.command()
 def export(
     checkpoint: str = typer.Argument(..., help="run directory (uses best.pt) or checkpoint file"),
     out: Path = typer.Option(..., "--out", "-o", help="file to write"),

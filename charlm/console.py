@@ -107,6 +107,39 @@ def progress_bar(title: str, disable: bool = False) -> Iterator[Callable[[int, i
         bar.close()
 
 
+def info_table(info: dict[str, Any]) -> Table:
+    """``charlm info``: a checkpoint's facts, one row each (unknown ones, from older charlm, shown as such)."""
+    def known(value: Any, fmt: str = "{}") -> str:
+        return "unknown" if value is None else fmt.format(value)
+    rows = {
+        "checkpoint": info["checkpoint"],
+        "model": f"{info['layers']}x{info['hidden_size']} {info['cell'].upper()}, embedding {info['embedding_size']}"
+                 + (", tied" if info["tied"] else ""),
+        "parameters": f"{info['parameters']:,}",
+        "vocabulary": f"{info['vocabulary_size']:,} characters: {info['vocabulary']}",
+        "trained": f"{known(info['step'], '{:,}')} steps, {known(info['epochs'], '{:.2f}')} epochs",
+        "best validation loss": known(info["best_val_loss"], "{:.4f}"),
+        "corpus": f"{info['corpus']} ({known(info['corpus_chars'], '{:,}')} chars, sha256 {known(info['corpus_sha256'])})",
+        "trained on": f"{known(info['device'])}, {known(info['precision'])}, {info['world_size']} process(es)",
+        "initialised from": info["init_from"],
+        "versions": f"charlm {known(info['charlm_version'])}, PyTorch {known(info['torch_version'])}, "
+                    f"checkpoint format {info['format_version']}",
+    }
+    return key_value_table("charlm info", rows)
+
+
+def runs_table(runs: list[dict[str, Any]]) -> Table:
+    """``charlm runs``: one row a run (its path under the folder listed), best validation loss first."""
+    table = Table(title="charlm runs", title_justify="left")
+    for name in ("run", "model", "steps", "training", "best val", "final val", "status"):
+        table.add_column(name, justify="left" if name in ("run", "model", "status") else "right", no_wrap=name == "status")
+    for run in runs:
+        table.add_row(run["name"], run["model"] or "?", f"{run['steps']:,}", duration(run["training_seconds"]),
+                      "-" if run["best_val_loss"] is None else f"{run['best_val_loss']:.4f}",
+                      "-" if run["final_val_loss"] is None else f"{run['final_val_loss']:.4f}", run["status"])
+    return table
+
+
 def bench_line(name: str, value: dict[str, Any]) -> str:
     """One readable line per benchmark result."""
     if name == "matmul_gflops":

@@ -44,7 +44,7 @@ class LoadedModel(NamedTuple):
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """Write ``payload`` to ``path`` atomically; on failure the old file is untouched."""
     path = Path(path)
-    payload = {"format": FORMAT, "version": VERSION, "charlm_version": __version__, **payload}
+    payload = {"format": FORMAT, "version": VERSION, "charlm_version": __version__, "torch_version": str(torch.__version__), **payload}
     try:
         return atomic_write(path, lambda fh: torch.save(payload, fh))
     except OSError as err:
@@ -147,6 +147,6 @@ def training_corpus(config: Config, checkpoint: dict[str, Any], name: str, remed
 def export_for_inference(source: str | Path, dest: str | Path) -> Path:
     """A small sampling-only checkpoint: fp16 weights, config and vocabulary; no optimizer or RNG state."""
     payload = load_checkpoint(resolve(source))
-    slim = {key: payload.get(key) for key in ("config", "vocab", "step", "best_val_loss", "corpus", "init_from")}
+    slim = {key: payload.get(key) for key in ("config", "vocab", "step", "best_val_loss", "corpus", "init_from", "epochs", "trained_on")}
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
     return save_checkpoint(slim, dest)

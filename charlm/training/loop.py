@@ -195,6 +195,8 @@ class Trainer:
             "corpus": {"path": str(corpus.path), "sha256": corpus.sha256, "chars": len(corpus), "skipped": corpus.skipped},
             "init_from": self.init_from,
             "job": {"world_size": self.job.world_size, "backend": self.job.backend, "run_id": self.job.run_id},
+            "epochs": self.batcher.epochs_done,
+            "trained_on": {"device": str(device), "precision": self.setup.precision},
             "scaler": self.setup.scaler.state_dict() if self.setup.scaler else None,
         }
 
