@@ -223,11 +223,21 @@ def runs(
 @app.command()
 def export(
     checkpoint: str = typer.Argument(..., help="run directory (uses best.pt) or checkpoint file"),
-    out: Path = typer.Option(..., "--out", "-o", help="file to write"),
+    out: Path = typer.Option(..., "--out", "-o", help="file (pt) or folder (safetensors) to write"),
+    export_format: str = typer.Option("pt", "--format", help="pt: a small charlm checkpoint; safetensors: a Hugging Face-style folder"),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16|bf16|fp32: the stored weights' type (safetensors)"),
 ) -> None:
-    """Write a small inference-only checkpoint (fp16 weights, no optimizer state)."""
-    from .model.checkpoint import export_for_inference
+    """Write a small inference-only checkpoint (fp16 weights, no optimizer state) or a safetensors folder."""
+    from .model.checkpoint import export_for_inference, load_checkpoint, resolve
 
+    if export_format == "safetensors":
+        from .model.export import export_folder
+        folder = export_folder(load_checkpoint(resolve(checkpoint)), out, dtype)
+        size = sum(path.stat().st_size for path in folder.iterdir())
+        print(f"wrote {folder}/ ({size / 1e6:.1f} MB: {', '.join(sorted(path.name for path in folder.iterdir()))})")
+        return
+    if export_format != "pt":
+        raise CharlmError(f"--format must be pt or safetensors, got {export_format!r}")
     path = export_for_inference(checkpoint, out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 

@@ -23,6 +23,7 @@ from ..data.vocab import Vocab
 from ..errors import CharlmError
 from ..files import atomic_write
 from .charrnn import CharRNN
+from .export import is_export_folder, read_folder
 
 FORMAT = "charlm-checkpoint"
 # 1: charlm 0.1 (elapsed time inside a "schedule" entry); 2: charlm 0.2 (elapsed at the top, the
@@ -54,12 +55,14 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
 
 
 def resolve(path: str | Path | None) -> Path:
-    """A run directory means its best.pt (or last.pt); 'pretrained' or None the bundled model."""
+    """A run directory means its best.pt (or last.pt); an export folder itself; 'pretrained' or None the bundled model."""
     if path is None or str(path) == PRETRAINED_NAME:
         if not PRETRAINED_PATH.is_file():
             raise CharlmError("no pretrained model is bundled with this install; pass a checkpoint or run directory")
         return PRETRAINED_PATH
     path = Path(path)
+    if is_export_folder(path):
+        return path
     if path.is_dir():
         for name in ("best.pt", "last.pt"):
             if (path / name).is_file():
@@ -71,8 +74,11 @@ def resolve(path: str | Path | None) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load safely onto the CPU; any problem becomes a one-line error naming the file."""
+    """Load safely onto the CPU (a file, or an export folder: ``model.export``); any problem becomes
+    a one-line error naming the file."""
     path = Path(path)
+    if is_export_folder(path):
+        return read_folder(path)
     try:
         with warnings.catch_warnings():  # odd pickle protocols in damaged files warn before they fail
             warnings.simplefilter("ignore")

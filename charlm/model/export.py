@@ -1,0 +1,116 @@
+"""A model as a folder other tools read: the Hugging Face layout, with safetensors weights.
+
+``export_folder`` writes ``model.safetensors`` (a tied read-out stored once, as safetensors
+requires), ``config.json`` (the architecture, the corpus, the training figures and each file's
+sha256), ``vocab.json`` (id -> character), ``generation_config.json`` (default sampling settings)
+and a ``README.md`` model card. ``read_folder`` turns such a folder back into the payload a
+checkpoint holds, so sampling, evaluation and ``charlm info`` take either. Needs the optional
+``safetensors`` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import CharlmError
+from ..files import atomic_write
+
+WEIGHTS, CONFIG, VOCAB, GENERATION, CARD = "model.safetensors", "config.json", "vocab.json", "generation_config.json", "README.md"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TIED_HEAD = "head.weight"  # shares the embedding's matrix when the model is tied
+
+
+def safetensors_module():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise CharlmError("this needs the safetensors package; install it with: pip install 'charlm[safetensors]'") from None
+    return safetensors.torch
+
+
+def is_export_folder(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def sha256_of_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_card(payload: dict[str, Any], name: str) -> str:
+    corpus = (payload.get("corpus") or {}).get("path") or "Tiny Shakespeare"
+    m = payload["config"]["model"]
+    loss = payload.get("best_val_loss")
+    return "\n".join([
+        f"# {name}", "",
+        f"A character-level {m['layers']}x{m['hidden_size']} {m['cell'].upper()} language model trained with charlm "
+        f"{payload.get('charlm_version', __version__)} on {corpus}.", "",
+        f"- validation loss: {loss:.4f} nats per character" if isinstance(loss, float) else "- validation loss: unknown",
+        f"- training: {payload.get('step', 'unknown')} steps, {payload.get('elapsed', 0.0):.0f} s",
+        f"- vocabulary: {len(payload['vocab'])} characters", "",
+        "Sample from it with `charlm sample THIS_FOLDER --prime \"ROMEO:\"`, evaluate it with `charlm eval THIS_FOLDER`.", "",
+    ])
+
+
+def export_folder(payload: dict[str, Any], out: str | Path, dtype: str = "fp16") -> Path:
+    """Write the folder of a checkpoint's ``payload`` (a file's contents as ``load_checkpoint`` returns them)."""
+    st = safetensors_module()
+    if dtype not in DTYPES:
+        raise CharlmError(f"--dtype must be one of {'|'.join(DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CharlmError(f"{out} is a file; the safetensors export writes a folder, give a folder path with --out")
+    tied = payload["config"]["model"]["tie_weights"]
+    weights = {name: tensor.to(DTYPES[dtype]).contiguous() for name, tensor in payload["model"].items()
+               if not (tied and name == TIED_HEAD) and tensor.is_floating_point()}
+    blob = st.save(weights, metadata={"format": "charlm", "dtype": dtype})
+    chars = payload["vocab"]
+    files = {
+        VOCAB: json.dumps({str(index): char for index, char in enumerate(chars)}, ensure_ascii=False, indent=1).encode(),
+        GENERATION: json.dumps({"length": 500, "temperature": 1.0, "top_k": None, "top_p": None}, indent=1).encode(),
+        CARD: model_card(payload, out.name).encode(),
+    }
+    config = {"model_type": "charlm", "charlm_version": __version__, "dtype": dtype, "vocab_size": len(chars),
+              **{key: payload["config"][key] for key in ("model", "data", "train")},
+              **{key: payload.get(key) for key in ("step", "epochs", "elapsed", "best_val_loss", "corpus", "init_from", "trained_on")},
+              "sha256": {WEIGHTS: sha256_of_bytes(blob), **{name: sha256_of_bytes(data) for name, data in files.items()}}}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in {WEIGHTS: blob, **files}.items():
+            atomic_write(out / name, lambda fh, data=data: fh.write(data))
+        atomic_write(out / CONFIG, lambda fh: fh.write(json.dumps(config, ensure_ascii=False, indent=1).encode()))
+    except OSError as err:
+        raise CharlmError(f"cannot write {out} ({err.strerror or err}); choose another --out") from None
+    return out
+
+
+def read_folder(folder: Path) -> dict[str, Any]:
+    """The checkpoint payload an export folder holds, each file checked against its recorded sha256."""
+    st = safetensors_module()
+    try:
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+        recorded = config["sha256"]
+        for name, digest in recorded.items():
+            if sha256_of_bytes((folder / name).read_bytes()) != digest:
+                raise CharlmError(f"{folder / name} was changed after export (its sha256 differs); export the model again")
+        vocab = json.loads((folder / VOCAB).read_text(encoding="utf-8"))
+        weights = st.load((folder / WEIGHTS).read_bytes())
+    except CharlmError:
+        raise
+    except FileNotFoundError as err:
+        raise CharlmError(f"{folder} is not a complete charlm export: {Path(err.filename).name} is missing") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CharlmError(f"{folder} is not a readable charlm export ({err})") from None
+    if config.get("model_type") != "charlm":
+        raise CharlmError(f"{folder / CONFIG} is not a charlm model's config")
+    if config["model"]["tie_weights"]:
+        weights[TIED_HEAD] = weights["embedding.weight"]
+    payload = {key: config.get(key) for key in ("step", "epochs", "elapsed", "best_val_loss", "corpus", "init_from", "trained_on")}
+    return {**payload, "format": "charlm-export", "version": 2, "charlm_version": config.get("charlm_version"),
+            "config": {key: config[key] for key in ("model", "data", "train")},
+            "vocab": "".join(vocab[str(index)] for index in range(len(vocab))), "model": weights}
