@@ -224,7 +224,7 @@ def runs(
 def export(
     checkpoint: str = typer.Argument(..., help="run directory (uses best.pt) or checkpoint file"),
     out: Path = typer.Option(..., "--out", "-o", help="file (pt) or folder (safetensors) to write"),
-    export_format: str = typer.Option("pt", "--format", help="pt: a small charlm checkpoint; safetensors: a Hugging Face-style folder"),
+    export_format: str = typer.Option("pt", "--format", help="pt: a small charlm checkpoint; safetensors: a Hugging Face-style folder; onnx: the one-step model"),
     dtype: str = typer.Option("fp16", "--dtype", help="fp16|bf16|fp32: the stored weights' type (safetensors)"),
 ) -> None:
     """Write a small inference-only checkpoint (fp16 weights, no optimizer state) or a safetensors folder."""
@@ -236,8 +236,15 @@ def export(
         size = sum(path.stat().st_size for path in folder.iterdir())
         print(f"wrote {folder}/ ({size / 1e6:.1f} MB: {', '.join(sorted(path.name for path in folder.iterdir()))})")
         return
+    if export_format == "onnx":
+        from .model.checkpoint import load_model
+        from .model.export import export_onnx
+        loaded = load_model(checkpoint)
+        path = export_onnx(loaded.model, loaded.vocab.chars, out)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return
     if export_format != "pt":
-        raise CharlmError(f"--format must be pt or safetensors, got {export_format!r}")
+        raise CharlmError(f"--format must be pt, safetensors or onnx, got {export_format!r}")
     path = export_for_inference(checkpoint, out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 

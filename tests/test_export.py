@@ -65,3 +65,37 @@ def test_a_damaged_folder_or_bad_options_are_one_line(cli, run, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     one_line_error(*cli("export", run, "--format", "safetensors", "--out", tmp_path / "y")[::2], "pip install 'charlm[safetensors]'")
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_onnx_one_step_model_runs_in_onnxruntime_as_in_pytorch(cli, ascii_corpus, tmp_path, cell):
+    ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    import numpy as np
+    import torch
+
+    import charlm
+    code, _, err = cli("train", "--data", ascii_corpus, *TINY, "--max-steps", 20, "--model.cell", cell,
+                       "--model.layers", 2, "--out", tmp_path / "run")
+    assert code == 0, err
+    code, _, err = cli("export", tmp_path / "run", "--format", "onnx", "--out", tmp_path / "model.onnx")
+    assert code == 0, err
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    model, vocab, _, _ = charlm.load_model(tmp_path / "run")
+    assert json.loads(session.get_modelmeta().custom_metadata_map["vocab"]) == vocab.chars
+    for batch in (1, 3):  # the batch is a dynamic axis
+        state = [np.zeros((2, batch, 32), np.float32) for _ in session.get_inputs()[1:]]
+        hidden, ours, theirs, worst = None, np.full(batch, 0), np.full(batch, 0), 0.0
+        with torch.no_grad():
+            for _ in range(200):  # greedy from the same start: the same characters, logits within 1e-4
+                logits, *state = session.run(None, {"ids": theirs.astype(np.int64), **dict(zip(("h", "c"), state))})
+                reference, hidden = model(torch.from_numpy(ours)[:, None], hidden)
+                worst = max(worst, float(np.abs(logits - reference[:, -1].numpy()).max()))
+                ours, theirs = reference[:, -1].argmax(-1).numpy(), logits.argmax(-1)
+                assert np.array_equal(ours, theirs)
+        assert worst < 1e-4
+
+
+def test_onnx_export_bad_input_is_one_line(cli, run, tmp_path, monkeypatch):
+    one_line_error(*cli("export", run, "--format", "onnx", "--out", tmp_path)[::2], "is a folder")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    one_line_error(*cli("export", run, "--format", "onnx", "--out", tmp_path / "m.onnx")[::2], "pip install 'charlm[onnx]'")

@@ -10,8 +10,11 @@ checkpoint holds, so sampling, evaluation and ``charlm info`` take either. Needs
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +117,51 @@ def read_folder(folder: Path) -> dict[str, Any]:
     return {**payload, "format": "charlm-export", "version": 2, "charlm_version": config.get("charlm_version"),
             "config": {key: config[key] for key in ("model", "data", "train")},
             "vocab": "".join(vocab[str(index)] for index in range(len(vocab))), "model": weights}
+
+
+class OneStep(torch.nn.Module):
+    """One character for B streams: (ids (B,), state...) -> (logits (B, V), new state...), the state
+    being an LSTM's h and c or another cell's h, each (layers, B, hidden)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, *state: torch.Tensor):
+        logits, hidden = self.model(ids[:, None], state if len(state) == 2 else state[0])
+        return (logits[:, -1], *(hidden if isinstance(hidden, tuple) else (hidden,)))
+
+
+def state_names(cell: str) -> list[str]:
+    return ["h", "c"] if cell == "lstm" else ["h"]
+
+
+def export_onnx(model: torch.nn.Module, vocab: str, out: str | Path) -> Path:
+    """The one-step model as ONNX (opset 17) for onnxruntime, onnxruntime-web or any other runtime:
+    inputs ``ids`` (int64, B) and the state (float32), outputs ``logits`` and the new state; the
+    vocabulary (a JSON string of the characters in id order) rides in the metadata as ``vocab``."""
+    try:
+        import onnx
+    except ImportError:
+        raise CharlmError("ONNX export needs the onnx package; install it with: pip install 'charlm[onnx]'") from None
+    out = Path(out)
+    if out.is_dir():
+        raise CharlmError(f"{out} is a folder; the ONNX export writes one file, give a file path with --out")
+    config = model.config
+    names = state_names(config.cell)
+    state = tuple(torch.zeros(config.layers, 1, config.hidden_size) for _ in names)
+    outputs = ["logits", *(f"{name}_out" for name in names)]
+    batch = {name: {1: "batch"} for name in [*names, *outputs[1:]]} | {"ids": {0: "batch"}, "logits": {0: "batch"}}
+    step, graph = OneStep(copy.deepcopy(model).float().cpu().eval()), io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's advice on batch sizes: the state is an input here
+        torch.onnx.export(step, (torch.zeros(1, dtype=torch.long), *state), graph, input_names=["ids", *names],
+                          output_names=outputs, dynamic_axes=batch, opset_version=17, dynamo=False)
+    exported = onnx.load_from_string(graph.getvalue())
+    for key, value in {"vocab": json.dumps(vocab), "cell": config.cell, "charlm_version": __version__}.items():
+        exported.metadata_props.add(key=key, value=value)
+    try:
+        atomic_write(out, lambda fh: fh.write(exported.SerializeToString()))
+    except OSError as err:
+        raise CharlmError(f"cannot write {out} ({err.strerror or err}); choose another --out") from None
+    return out
