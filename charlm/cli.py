@@ -27,7 +27,7 @@ from .errors import CharlmError
 
 app = typer.Typer(
     help="Train character-level RNN/LSTM/GRU language models, sample from them and evaluate them.",
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+    add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
 
 # Seconds a quiet rank waits before it exits: torchrun stops the whole job when one process ends.
@@ -72,6 +72,16 @@ def with_config_options(keys: list[str] | None = None, short: dict[str, str] | N
     return decorate
 
 
+def read_text(path: Path) -> str:
+    """A whole UTF-8 text file, or one line saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CharlmError(f"{path} is not valid UTF-8 (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    except OSError as err:
+        raise CharlmError(f"cannot read {path} ({err.strerror or err})") from None
+
+
 def given_options(overrides: dict[str, Any]) -> dict[str, Any]:
     """The config keys given on the command line, by their dotted names."""
     return {key.replace("__", "."): value for key, value in overrides.items() if value is not None}
@@ -83,16 +93,19 @@ def train(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file, or the name of a bundled one (shakespeare, quick, tiny, pretrained) [default: the built-in defaults, which equal shakespeare]", show_default=False),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory from its last.pt, with its saved config; options such as --max-steps may change how long it trains, never the model or the data"),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="start a new run (--out) from the weights of this run directory, checkpoint or 'pretrained': fine-tuning, with a fresh optimizer and schedule", show_default=False),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors and the final line"),
+    log_format: str = typer.Option("text", "--log-format", help="text|json: json prints one JSON object per event on stdout"),
     **overrides: Any,
 ) -> None:
     """Train a model on a text corpus (Tiny Shakespeare by default), with checkpoints in a run directory."""
-    from .console import ConsoleReporter, console
+    from .console import ConsoleReporter, JsonReporter, console
     from .training.distributed import is_quiet_rank
     from .training.loop import TrainingInterrupted
     from .training.runs import finetune_config, resume as resume_run, train as train_run
 
-    given, reporter = given_options(overrides), ConsoleReporter(quiet)
+    if log_format not in ("text", "json"):
+        raise CharlmError(f"--log-format must be text or json, got {log_format!r}")
+    given, reporter = given_options(overrides), JsonReporter() if log_format == "json" else ConsoleReporter(quiet)
     try:
         if resume is not None:
             if config is not None or init_from is not None:
@@ -121,6 +134,7 @@ def sample(
     seed: Optional[int] = typer.Option(None, "--seed", help="random seed; the same seed gives the same text", show_default="random"),
     num_samples: int = typer.Option(1, "--num-samples", help="independent samples, generated as one batch"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
+    prime_file: Optional[Path] = typer.Option(None, "--prime-file", help="read the prime text from this UTF-8 file", show_default=False),
     adapt: Optional[Path] = typer.Option(None, "--adapt", help="first adapt the model to this text file by dynamic evaluation (steers the style; the checkpoint is not changed)", show_default=False),
 ) -> None:
     """Generate text from a checkpoint, printed as it is produced (one sample streams in constant memory)."""
@@ -131,6 +145,10 @@ def sample(
     settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, num_samples=num_samples)
     settings.validate()
+    if prime_file is not None:
+        if prime:
+            raise CharlmError("give the prime as --prime TEXT or --prime-file FILE, not both")
+        prime = read_text(prime_file)
     model, vocab, _, _ = load_model(checkpoint, resolve_device(device))
     if adapt is not None:
         from .dynamic import adapted_to

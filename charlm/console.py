@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -48,17 +49,21 @@ def duration(seconds: float) -> str:
 
 class ConsoleReporter(Reporter):
     """Summary table at the start, a tqdm bar with loss, lr, chars/s and the time left (evaluations
-    included), validation lines as they come, the final evaluation's table at the end."""
+    included) where stderr is a terminal, validation lines and samples as they come, the final
+    evaluation's table at the end. ``quiet`` prints only the final line (errors always come)."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
         self.bar: tqdm | None = None
 
     def start(self, summary: dict[str, Any]) -> None:
+        if self.quiet:
+            return
         console.print(key_value_table("charlm train", summary))
-        # tqdm's own time-left counts steps only; the postfix carries the budget's, evaluations included.
-        self.bar = tqdm(total=None, unit="step", dynamic_ncols=True, disable=self.quiet, file=sys.stderr,
-                        initial=0, leave=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]")
+        if sys.stderr.isatty():  # a file or a pipe gets no bar and its control characters
+            # tqdm's own time-left counts steps only; the postfix carries the budget's, evaluations included.
+            self.bar = tqdm(total=None, unit="step", dynamic_ncols=True, file=sys.stderr, initial=0, leave=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]")
 
     def progress(self, step: int, total: int | None, metrics: dict[str, float], seconds_left: float | None) -> None:
         if self.bar is None:
@@ -74,11 +79,15 @@ class ConsoleReporter(Reporter):
     def evaluated(self, step: int, val_loss: float, is_best: bool) -> None:
         self.note(f"step {step}: validation loss {val_loss:.4f}" + (" (best so far, saved best.pt)" if is_best else ""))
 
+    def sampled(self, step: int, text: str) -> None:
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        self.note(f"step {step}: sample: {first[:100]}")
+
     def note(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
         elif not self.quiet:
-            console.print(text)
+            console.print(text, soft_wrap=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -86,11 +95,41 @@ class ConsoleReporter(Reporter):
             self.bar = None
 
     def finished(self, result: TrainResult) -> None:
+        if self.quiet:
+            console.print(f"final validation loss {result.final.loss:.4f} ({result.final.bits_per_char:.4f} bits/char, "
+                          f"step {result.step:,}, stopped by {result.stopped_by}), run: {result.run_dir}", soft_wrap=True)
+            return
         console.print(eval_table(
             f"final evaluation, full validation split (step {result.step:,}, {result.epochs:.2f} epochs, "
             f"{result.elapsed:.0f}s, stopped by {result.stopped_by})", result.final,
             {"best periodic val loss": f"{result.best_val_loss:.4f}", "run": str(result.run_dir)},
         ))
+
+
+class JsonReporter(Reporter):
+    """One JSON object a line on stdout for every event of a run, for scripts (``--log-format json``)."""
+
+    def emit(self, event: str, **fields: Any) -> None:
+        print(json.dumps({"event": event, **fields}, ensure_ascii=False), flush=True)
+
+    def start(self, summary: dict[str, Any]) -> None:
+        self.emit("start", **{key.replace(" ", "_"): value for key, value in summary.items() if value is not None})
+
+    def progress(self, step: int, total: int | None, metrics: dict[str, float], seconds_left: float | None) -> None:
+        self.emit("progress", step=step, total_steps=total, seconds_left=seconds_left, **metrics)
+
+    def evaluated(self, step: int, val_loss: float, is_best: bool) -> None:
+        self.emit("evaluation", step=step, val_loss=val_loss, best=is_best)
+
+    def sampled(self, step: int, text: str) -> None:
+        self.emit("sample", step=step, text=text)
+
+    def note(self, text: str) -> None:
+        self.emit("note", text=text)
+
+    def finished(self, result: TrainResult) -> None:
+        self.emit("final", step=result.step, epochs=result.epochs, elapsed=result.elapsed, stopped_by=result.stopped_by,
+                  best_val_loss=result.best_val_loss, run_dir=str(result.run_dir), **result.final.to_dict())
 
 
 @contextmanager

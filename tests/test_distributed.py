@@ -157,7 +157,8 @@ def test_two_launchers_meet_on_loopback_and_checkpoint_once(ascii_corpus, tmp_pa
         assert code == 0, err
     saved = load_checkpoint(tmp_path / "run" / "last.pt")
     assert saved["step"] == 20 and saved["job"]["world_size"] == 2
-    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [".lock", "best.pt", "config.toml", "last.pt", "metrics.jsonl"]
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [".lock", "best.pt", "config.toml", "last.pt", "metrics.jsonl",
+                                                                   "samples.jsonl"]
 
 
 @pytest.mark.parametrize("options, message", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from charlm.model.checkpoint import load_checkpoint
-from tests.conftest import TINY, charlm_process, one_line_error, snapshot, wait_for
+from tests.conftest import TINY, TINY_OPTIONS, charlm_process, one_line_error, snapshot, wait_for
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_resume_rejects_mixing_with_a_config_or_init_from(cli, run):
 
 
 def test_resume_applies_what_may_change_and_notes_it(cli, run):
-    code, _, err = cli("train", "--resume", run, "--max-steps", 30, "--train.eval-interval", 5, "--quiet")
+    code, _, err = cli("train", "--resume", run, "--max-steps", 30, "--train.eval-interval", 5)
     assert code == 0, err
     assert "changed on resume" in err and "train.max_steps 20 -> 30" in err
     saved = (run / "config.toml").read_text()
@@ -81,7 +81,7 @@ def test_resume_applies_what_may_change_and_notes_it(cli, run):
 def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer(cli, run, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("The lazy dog jumps over the quick brown fox. " * 80)  # characters the run's vocabulary has
-    code, _, err = cli("train", "--init-from", run, "--data", other, "--out", tmp_path / "tuned", *TINY,
+    code, _, err = cli("train", "--init-from", run, "--data", other, "--out", tmp_path / "tuned", *TINY_OPTIONS,
                        "--max-steps", 2, "--train.lr", "1e-9", "--train.min-lr", "0")
     assert code == 0, err
     assert "initialised from" in err
@@ -101,7 +101,7 @@ def test_fine_tuning_names_characters_outside_the_vocabulary(cli, run, tmp_path)
     one_line_error(*cli("train", "--init-from", run, "--data", other, "--out", tmp_path / "tuned", *TINY)[::2],
                    "'3', '€'", "--data.skip-unknown")
     assert not (tmp_path / "tuned").exists()
-    code, _, err = cli("train", "--init-from", run, "--data", other, "--out", tmp_path / "tuned", *TINY,
+    code, _, err = cli("train", "--init-from", run, "--data", other, "--out", tmp_path / "tuned", *TINY_OPTIONS,
                        "--max-steps", 2, "--data.skip-unknown")
     assert code == 0, err
     assert "unknown characters skipped" in err and "160" in err  # '3' and '€', 80 times each

@@ -24,11 +24,15 @@ from ..errors import CharlmError
 from ..evaluation import EvalResult, mean_loss
 from ..model.charrnn import CharRNN, map_hidden, sequence_loss
 from ..model.checkpoint import save_checkpoint
+from ..sampling import SampleSettings, generate
 from .budget import STOP_REASONS, Position, StopBudget
 from .distributed import SINGLE_PROCESS, Job
 from .metrics import MetricsWriter
 from .rundir import RunDirectory
 from .setup import TrainingSetup
+
+
+WATCH_SAMPLE_LENGTH, WATCH_SAMPLE_SEED = 200, 0  # the sample written at each evaluation
 
 
 class TrainingInterrupted(Exception):
@@ -61,6 +65,7 @@ class Reporter:
     def start(self, summary: dict[str, Any]) -> None: ...
     def progress(self, step: int, total: int | None, metrics: dict[str, float], seconds_left: float | None) -> None: ...
     def evaluated(self, step: int, val_loss: float, is_best: bool) -> None: ...
+    def sampled(self, step: int, text: str) -> None: ...
     def note(self, text: str) -> None: ...
     def close(self) -> None: ...
     def finished(self, result: TrainResult) -> None: ...
@@ -329,7 +334,17 @@ class Trainer:
             self.best_val_loss = min(self.best_val_loss, result.loss)
             self.metrics.evaluation(self.step, self.elapsed, result.loss)
             self.reporter.evaluated(self.step, result.loss, is_best)
+            text = self.watch_sample()
+            self.metrics.sample(self.step, self.elapsed, text)
+            self.reporter.sampled(self.step, text)
         return bool(self.job.from_main(float(is_best), self.setup.device))
+
+    def watch_sample(self) -> str:
+        """A short sample from a fixed prime and seed, so a run's samples show what it learned step by step.
+        It draws from a generator of its own: the run's random state, and so a resume, are untouched."""
+        text = generate(self.model, self.setup.vocab, "", SampleSettings(length=WATCH_SAMPLE_LENGTH, seed=WATCH_SAMPLE_SEED))[0]
+        self.model.train()
+        return text
 
     def final_evaluation(self) -> EvalResult:
         """The whole validation split, on rank 0; its figures on every rank."""

@@ -18,6 +18,7 @@ from ..errors import CharlmError
 from ..files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 
 
 class MetricsWriter:
@@ -26,6 +27,7 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.path = Path(run_dir) / METRICS_FILE
+        self.samples_path = Path(run_dir) / SAMPLES_FILE
         self.enabled = enabled
 
     def training(self, step: int, elapsed: float, loss: float, lr: float, chars_per_sec: float, epoch: float) -> None:
@@ -41,19 +43,23 @@ class MetricsWriter:
         self.append({"step": step, "elapsed": elapsed,
                      "resumed": {key: {"saved": old, "now": new} for key, (old, new) in changes.items()}})
 
+    def sample(self, step: int, elapsed: float, text: str) -> None:
+        self.append({"step": step, "elapsed": elapsed, "text": text}, self.samples_path)
+
     def forget_after(self, step: int) -> None:
         """Drop the records of steps after ``step``: a resumed run repeats them from its checkpoint."""
-        if not self.path.is_file():
-            return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if (record := parse(line)) is not None and record["step"] <= step]
-        if kept != lines:
-            self.write(lambda: atomic_write(self.path, lambda fh: fh.write("".join(line + "\n" for line in kept).encode("utf-8"))))
+        for path in (self.path, self.samples_path):
+            if not path.is_file():
+                continue
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if (record := parse(line)) is not None and record["step"] <= step]
+            if kept != lines:
+                self.write(lambda: atomic_write(path, lambda fh: fh.write("".join(line + "\n" for line in kept).encode("utf-8"))))
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any], path: Path | None = None) -> None:
         def append_line() -> None:
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            with (path or self.path).open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.write(append_line)
 
     def write(self, action: Callable[[], Any]) -> None:
