@@ -68,6 +68,7 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"help": "auto|fp32|bf16|fp16 (auto: bf16 autocast on a CPU that has it, else fp32; fp16 with a gradient scaler on CUDA)"})
     max_bad_steps: int = field(default=10, metadata={"help": "stop after this many consecutive non-finite losses"})
     threads: int = field(default=0, metadata={"help": "CPU threads per process (0: PyTorch's default alone, the cores shared among the processes under torchrun)"})
+    tensorboard: bool = field(default=False, metadata={"help": "also log the scalars and samples for TensorBoard, into RUN/tensorboard (needs: pip install 'charlm[tensorboard]')"})
     backend: str = field(default="auto", metadata={"help": "torch.distributed backend under torchrun: auto|gloo|nccl (auto: NCCL on CUDA, gloo on the CPU)"})
 
 

@@ -41,3 +41,18 @@ def test_prime_file_and_shell_completion(cli, ascii_corpus, tmp_path):
     one_line_error(*cli("sample", tmp_path / "run", "--prime-file", tmp_path / "none.txt")[::2], "cannot read")
     one_line_error(*cli("sample", tmp_path / "run", "--prime", "a", "--prime-file", prime)[::2], "not both")
     assert "--install-completion" in cli("--help")[1]
+
+
+def test_tensorboard_logs_the_same_scalars_and_samples(cli, ascii_corpus, tmp_path, monkeypatch):
+    from charlm.training import metrics
+    code, _, err = cli("train", "--data", ascii_corpus, *TINY_OPTIONS, "--max-steps", 20, "--out", tmp_path / "run",
+                       "--train.tensorboard")
+    assert code == 0, err
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    assert {"loss", "val_loss", "lr", "chars_per_sec", "final_val_loss"} <= set(board.Tags()["scalars"])
+    assert [event.step for event in board.Scalars("val_loss")] == [10, 20]
+    monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None)  # as without the extra
+    one_line_error(*cli("train", "--data", ascii_corpus, *TINY_OPTIONS, "--out", tmp_path / "other", "--train.tensorboard")[::2],
+                   "pip install 'charlm[tensorboard]'")
+    assert not (tmp_path / "other").exists()

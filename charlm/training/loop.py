@@ -166,7 +166,7 @@ class Trainer:
         self.model, self.optimizer, self.batcher = setup.model, setup.optimizer, setup.batcher
         self.forward = distributed_model(self.model, self.job)
         self.reporter = reporter if reporter is not None and self.job.is_main else Reporter()
-        self.metrics = MetricsWriter(run.path, enabled=self.job.is_main)
+        self.metrics = MetricsWriter(run.path, enabled=self.job.is_main, tensorboard=self.config.train.tensorboard)
         self.budget = StopBudget(self.config.train, setup.final_eval_windows)
         self.init_from, self.changes = init_from, changes or {}
         self.step, self.elapsed, self.best_val_loss = 0, 0.0, math.inf
@@ -250,6 +250,7 @@ class Trainer:
             final = self.final_evaluation()
         finally:
             self.reporter.close()
+            self.metrics.close()
             self.forward = self.model  # DDP goes before its process group does (see Job.stop)
         result = TrainResult(self.run_dir.path, self.step, self.batcher.epochs_done, self.elapsed, stopped_by,
                              self.best_val_loss, final)

@@ -9,6 +9,7 @@ One JSON object per line, each with the optimizer ``step`` and ``elapsed`` train
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,16 +20,19 @@ from ..files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsWriter:
     """Appends records to ``run_dir/metrics.jsonl``, one line each, flushed as they come; writes
     nothing where not ``enabled`` (the ranks of a distributed job other than 0)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False):
+        """``tensorboard``: also write every record as TensorBoard scalars and text, into ``run_dir/tensorboard``."""
         self.path = Path(run_dir) / METRICS_FILE
         self.samples_path = Path(run_dir) / SAMPLES_FILE
         self.enabled = enabled
+        self.board = summary_writer(Path(run_dir) / TENSORBOARD_DIR) if tensorboard and enabled else None
 
     def training(self, step: int, elapsed: float, loss: float, lr: float, chars_per_sec: float, epoch: float) -> None:
         self.append({"step": step, "elapsed": elapsed, "loss": loss, "lr": lr, "chars_per_sec": chars_per_sec, "epoch": epoch})
@@ -46,6 +50,10 @@ class MetricsWriter:
     def sample(self, step: int, elapsed: float, text: str) -> None:
         self.append({"step": step, "elapsed": elapsed, "text": text}, self.samples_path)
 
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
     def forget_after(self, step: int) -> None:
         """Drop the records of steps after ``step``: a resumed run repeats them from its checkpoint."""
         for path in (self.path, self.samples_path):
@@ -61,6 +69,8 @@ class MetricsWriter:
             with (path or self.path).open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.write(append_line)
+        if self.board is not None:
+            self.write(lambda: to_board(self.board, record))
 
     def write(self, action: Callable[[], Any]) -> None:
         """Run a write, turning a failure (a full disk, say) into one line."""
@@ -70,6 +80,30 @@ class MetricsWriter:
             action()
         except OSError as err:
             raise CharlmError(f"cannot write {self.path} ({err.strerror or err}); free some space and resume the run") from None
+
+
+def summary_writer(log_dir: Path) -> Any:
+    """torch.utils.tensorboard's writer, or one line saying how to install it."""
+    require_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def require_tensorboard() -> None:
+    if importlib.util.find_spec("tensorboard") is None:
+        raise CharlmError("--train.tensorboard needs the tensorboard package; install it with: pip install 'charlm[tensorboard]'")
+
+
+def to_board(board: Any, record: dict[str, Any]) -> None:
+    """One metrics or samples record as TensorBoard scalars (by their key) or text, at its step."""
+    for key, value in record.items():
+        if key in ("step", "elapsed"):
+            continue
+        if isinstance(value, (int, float)):
+            board.add_scalar(key, value, record["step"])
+        elif key == "text":
+            board.add_text("sample", value, record["step"])
+    board.flush()
 
 
 def parse(line: str) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ from .setup import build_training
 RESUMABLE = frozenset({
     "train.max_time", "train.max_steps", "train.max_epochs", "train.eval_interval", "train.eval_batches",
     "train.checkpoint_interval", "train.log_interval", "train.max_bad_steps", "train.min_lr",
-    "train.device", "train.precision", "train.threads", "train.backend", "data.dir",
+    "train.device", "train.precision", "train.threads", "train.backend", "train.tensorboard", "data.dir",
 })
 # Why the other options may not change on resume.
 FROZEN_BECAUSE = {

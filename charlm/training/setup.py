@@ -22,6 +22,7 @@ from ..errors import CharlmError
 from ..evaluation import EVAL_BATCH, EVAL_SEQ_LEN
 from ..model.charrnn import CharRNN
 from .distributed import Job, threads_per_rank
+from .metrics import require_tensorboard
 
 
 @dataclass
@@ -82,6 +83,8 @@ def build_training(config: Config, corpus: Corpus, weights: dict[str, Any] | Non
     streams of ``job`` (every rank seeds alike, so all start from the same weights)."""
     t, job = config.train, job or Job()
     job.check_batch(t.batch_size)
+    if t.tensorboard:
+        require_tensorboard()
     device = resolve_device(job.device_name(t.device))
     precision = resolve_precision(t.precision, device)
     train_data, val_data = split_corpus(corpus, config)
