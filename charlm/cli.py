@@ -13,7 +13,7 @@ from dataclasses import asdict
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -202,22 +202,25 @@ def evaluate_command(
     Console().print(eval_table("charlm eval", report.result, extra))
 
 
+def show(value: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
+    """``value`` as one line of JSON for scripts, or as the rich table ``render`` makes of it."""
+    if as_json:
+        print(json.dumps(value))
+        return
+    from rich.console import Console
+    Console().print(render(value))
+
+
 @app.command()
 def info(
     checkpoint: Optional[str] = typer.Argument(None, help="run directory (uses best.pt), checkpoint file, or 'pretrained'", show_default="the bundled pretrained model"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ) -> None:
     """What a checkpoint is: model, vocabulary, training, corpus, versions (the model is not built)."""
+    from .console import info_table
     from .runinfo import checkpoint_info
 
-    facts = checkpoint_info(checkpoint)
-    if as_json:
-        print(json.dumps(facts))
-        return
-    from rich.console import Console
-
-    from .console import info_table
-    Console().print(info_table(facts))
+    show(checkpoint_info(checkpoint), as_json, info_table)
 
 
 @app.command()
@@ -226,16 +229,10 @@ def runs(
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ) -> None:
     """Every run under a folder: model, steps, training time, best validation loss, status."""
+    from .console import runs_table
     from .runinfo import list_runs
 
-    found = list_runs(directory)
-    if as_json:
-        print(json.dumps(found))
-        return
-    from rich.console import Console
-
-    from .console import runs_table
-    Console().print(runs_table(found) if found else f"no runs under {directory}")
+    show(list_runs(directory), as_json, lambda found: runs_table(found) if found else f"no runs under {directory}")
 
 
 @app.command()
