@@ -83,18 +83,22 @@ class Job:
                                "CUDA GPU(s); start at most that many processes per node")
         return f"cuda:{self.local_rank}"
 
-    def start(self, device: torch.device, backend: str) -> None:
-        """Join the job's process group (a no-op for one process)."""
-        if not self.distributed:
-            return
+    def backend_for(self, device: torch.device, backend: str) -> str:
+        """The backend asked for, or with auto the device's: NCCL on CUDA, gloo elsewhere."""
         chosen = ("nccl" if device.type == "cuda" else "gloo") if backend == "auto" else backend
         if chosen == "nccl" and device.type != "cuda":
             raise CharlmError(f"train.backend nccl needs CUDA GPUs and this job trains on {device}; use --train.backend gloo or auto")
+        return chosen
+
+    def start(self, device: torch.device, backend: str) -> None:
+        """Join the job's process group with ``backend`` (a no-op for one process)."""
+        if not self.distributed:
+            return
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(chosen, store=self.store(), rank=self.rank, world_size=self.world_size,
+        dist.init_process_group(backend, store=self.store(), rank=self.rank, world_size=self.world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
-        self.backend, self.started = chosen, True
+        self.backend, self.started = backend, True
 
     def store(self) -> dist.Store:
         """The job's key-value store at MASTER_ADDR:MASTER_PORT, under a prefix of its own for each
@@ -121,8 +125,9 @@ class Job:
     def running(self, device: torch.device, backend: str) -> Iterator[None]:
         """The job's process group for the block; a failure inside it names the rank that met it,
         and a lost or hung rank (a collective that fails or times out) becomes one line too."""
-        self.start(device, backend)
+        chosen = self.backend_for(device, backend)  # refused alike on every rank: rank 0 says why
         try:
+            self.start(device, chosen)
             yield
         except CharlmError as err:
             if not self.distributed or isinstance(err, JobStopped):
