@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ from .config import Config
 from .errors import CharlmError
 from .model.checkpoint import load_checkpoint, resolve
 from .training.metrics import read_metrics
-from .training.rundir import BEST, CONFIG, LAST
+from .training.rundir import BEST, CONFIG, LAST, RunDirectory
 
 PREVIEW_CHARS = 60
 
@@ -55,21 +53,6 @@ def checkpoint_info(path: str | Path | None) -> dict[str, Any]:
     }
 
 
-def training_now(run: Path) -> bool:
-    """Whether a process holds the run's lock (trains in it) at this moment."""
-    try:
-        fd = os.open(run, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def run_summary(run: Path, directory: Path) -> dict[str, Any]:
     """One run's line in ``charlm runs``, from its config.toml and metrics.jsonl (no checkpoint is loaded)."""
     try:
@@ -79,7 +62,7 @@ def run_summary(run: Path, directory: Path) -> dict[str, Any]:
     metrics = read_metrics(run) if (run / "metrics.jsonl").is_file() else None
     records = (metrics.train + metrics.val) if metrics else []
     last = max(records, key=lambda record: record["step"], default=None)
-    if training_now(run):
+    if RunDirectory(run).in_use():
         status = "training"
     elif not (run / LAST).is_file():
         status = "no last.pt"

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from ..config import Config, to_toml
 from ..errors import CharlmError
@@ -60,15 +58,6 @@ class RunDirectory:
         except OSError as err:
             raise CharlmError(f"cannot write to the run directory {self.path} ({err.strerror or err}); choose another --out") from None
 
-    @contextmanager
-    def writer(self) -> Iterator[None]:
-        """Hold the directory's lock for the block: one writer at a time (see ``lock``)."""
-        self.lock()
-        try:
-            yield
-        finally:
-            self.unlock()
-
     def lock(self) -> None:
         """Become the directory's one writer, or fail naming the process that is."""
         fd = os.open(self.path, os.O_RDONLY)
@@ -79,6 +68,20 @@ class RunDirectory:
             raise CharlmError(f"{self.path} is in use: {self.holder()} is training in it; wait for it to finish or "
                               "stop it (Ctrl-C saves last.pt), then resume") from None
         self.lock_fd = fd
+
+    def in_use(self) -> bool:
+        """Whether a process holds the lock (trains here) at this moment; takes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
     def holder(self) -> str:
         """Who holds the lock, as its signature says."""
