@@ -330,12 +330,12 @@ class Trainer:
             started = time.perf_counter()
             result = mean_loss(self.model, self.setup.val_data, self.setup.device, self.setup.precision,
                                max_batches=self.config.train.eval_batches)
-            self.budget.evaluated(time.perf_counter() - started)
+            text = self.watch_sample()
+            self.budget.evaluated(time.perf_counter() - started)  # the time left counts the sample too
             is_best = result.loss < self.best_val_loss
             self.best_val_loss = min(self.best_val_loss, result.loss)
             self.metrics.evaluation(self.step, self.elapsed, result.loss)
             self.reporter.evaluated(self.step, result.loss, is_best)
-            text = self.watch_sample()
             self.metrics.sample(self.step, self.elapsed, text)
             self.reporter.sampled(self.step, text)
         return bool(self.job.from_main(float(is_best), self.setup.device))
