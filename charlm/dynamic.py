@@ -129,5 +129,5 @@ def adapted_to(model: CharRNN, vocab: Vocab, path: str | Path, settings: Dynamic
     """A copy of ``model`` adapted to a text file by dynamic evaluation: sampling from it follows
     that text's style. Characters the model never saw are an error naming them."""
     from .evaluation import text_ids
-    ids, _ = text_ids(path, vocab, skip_unknown=False)
+    ids, _ = text_ids(path, vocab, skip_unknown=False, remedy="remove them from the file to adapt to")
     return dynamic_loss(model, ids, settings)[1]

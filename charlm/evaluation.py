@@ -73,13 +73,15 @@ class TextEvaluation:
     skipped: int
 
 
-def text_ids(path: str | Path, vocab: Vocab, skip_unknown: bool) -> tuple[torch.Tensor, int]:
-    """A whole text file as ids of ``vocab``, and how many characters were left out as unknown."""
+def text_ids(path: str | Path, vocab: Vocab, skip_unknown: bool,
+             remedy: str = "pass --skip-unknown to leave them out") -> tuple[torch.Tensor, int]:
+    """A whole text file as ids of ``vocab``, and how many characters were left out as unknown
+    (``remedy``: what the error for unknown characters tells the user to do)."""
     path = Path(path)
     text = "".join(iter_text_chunks(path, "strict"))
     missing = vocab.unknown(text)
     if missing and not skip_unknown:
-        raise unknown_characters(str(path), missing, "pass --skip-unknown to leave them out")
+        raise unknown_characters(str(path), missing, remedy)
     encoded = vocab.encode(text, skip_unknown=True)
     return torch.from_numpy(encoded), len(text) - len(encoded)
 
