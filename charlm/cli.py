@@ -7,6 +7,7 @@ always lists every option with its default.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 from dataclasses import asdict
@@ -136,6 +137,7 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
     prime_file: Optional[Path] = typer.Option(None, "--prime-file", help="read the prime text from this UTF-8 file", show_default=False),
     adapt: Optional[Path] = typer.Option(None, "--adapt", help="first adapt the model to this text file by dynamic evaluation (steers the style; the checkpoint is not changed)", show_default=False),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="read a prime per line and write its continuation; :help lists the commands"),
 ) -> None:
     """Generate text from a checkpoint, printed as it is produced (one sample streams in constant memory)."""
     from .device import resolve_device
@@ -149,11 +151,15 @@ def sample(
         if prime:
             raise CharlmError("give the prime as --prime TEXT or --prime-file FILE, not both")
         prime = read_text(prime_file)
+    if interactive and (prime or num_samples != 1):
+        raise CharlmError("--interactive reads its primes from the prompt, one sample at a time: drop --prime, --prime-file and --num-samples")
     model, vocab, _, _ = load_model(checkpoint, resolve_device(device))
     if adapt is not None:
         from .dynamic import adapted_to
         model = adapted_to(model, vocab, adapt)
     out = sys.stdout
+    if interactive:
+        return sample_interactively(model, vocab, settings)
     if num_samples == 1:
         pieces = stream(model, vocab, prime, settings)  # refuses bad input before the prime is printed
         out.write(prime)
@@ -164,6 +170,19 @@ def sample(
         return
     for i, text in enumerate(generate(model, vocab, prime, settings)):
         out.write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n{prime}{text}\n")
+
+
+def sample_interactively(model, vocab, settings) -> None:
+    """The prompt loop of `charlm sample --interactive`, with line editing and history on a terminal."""
+    from .interactive import Session, run
+
+    prompt = ""
+    if sys.stdin.isatty():
+        importlib.import_module("readline")  # loaded, it gives input() line editing and history
+        prompt = "> "
+    session = Session(model, vocab, settings, sys.stdout)
+    session.write("Type a prime and press Enter; :help lists the commands, Ctrl-D ends.\n")
+    run(session, lambda: input(prompt))
 
 
 @app.command("eval")
