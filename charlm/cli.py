@@ -172,6 +172,7 @@ def evaluate_command(
     data: Optional[Path] = typer.Option(None, "--data", help="evaluate on this whole text file instead of the validation split", show_default="validation split of the training corpus"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="cache directory for the training corpus (env CHARLM_DATA_DIR)", show_default="the checkpoint's"),
     skip_unknown: bool = typer.Option(False, "--skip-unknown", help="leave out characters the model never saw, and count them"),
+    split: str = typer.Option("valid", "--split", help="valid|test|train: which split of the training corpus (test: enwik8 and text8's standard one)"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
     dynamic: bool = typer.Option(False, "--dynamic", help="dynamic evaluation: score each segment, then learn from it (the checkpoint on disk is not changed)"),
@@ -186,7 +187,7 @@ def evaluate_command(
 
     settings = dynamic_settings(lr=dynamic_lr, decay=dynamic_decay, segment=dynamic_segment) if dynamic else None
     with progress_bar("dynamic evaluation", disable=as_json or not dynamic) as on_progress:
-        report = evaluate(checkpoint, data, device=device, data_dir=data_dir, skip_unknown=skip_unknown,
+        report = evaluate(checkpoint, data, device=device, data_dir=data_dir, skip_unknown=skip_unknown, split=split,
                           dynamic=settings, on_progress=on_progress)
     if as_json:
         print(json.dumps({"checkpoint": report.checkpoint, "data": report.source, "skipped_chars": report.skipped,
