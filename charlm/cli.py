@@ -90,7 +90,7 @@ def given_options(overrides: dict[str, Any]) -> dict[str, Any]:
 @app.command(no_args_is_help=False)
 @with_config_options(short=TRAIN_SHORT_OPTIONS)
 def train(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file, or the name of a bundled one (shakespeare, quick, tiny, pretrained) [default: the built-in defaults, which equal shakespeare]", show_default=False),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file, or the name of a bundled one (shakespeare, quick, tiny, pretrained, enwik8, text8) [default: the built-in defaults, which equal shakespeare]", show_default=False),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory from its last.pt, with its saved config; options such as --max-steps may change how long it trains, never the model or the data"),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="start a new run (--out) from the weights of this run directory, checkpoint or 'pretrained': fine-tuning, with a fresh optimizer and schedule", show_default=False),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors and the final line"),
@@ -256,7 +256,7 @@ def export(
         from .model.checkpoint import load_model
         from .model.export import export_onnx
         loaded = load_model(checkpoint)
-        path = export_onnx(loaded.model, loaded.vocab.chars, out)
+        path = export_onnx(loaded.model, loaded.vocab.chars, out, loaded.vocab.unit)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return
     if export_format != "pt":
