@@ -42,6 +42,7 @@ class BenchSettings:
     fast: bool = False
     corpus_mb: int = 100
     profile: bool = False
+    encode_only: bool = False  # only the corpus encoding (a large --corpus-mb takes minutes of its own)
 
     @property
     def model(self) -> ModelConfig:
@@ -251,6 +252,11 @@ def run_bench(settings: BenchSettings, on_result: Callable[[str, Any], None] | N
         "model": f"{settings.model.layers}x{settings.model.hidden_size} {settings.model.cell}",
         "batch_size": settings.batch_size, "seq_len": settings.seq_len,
     }
+    if settings.encode_only:
+        results["encode"] = encoding_benchmark(2 if settings.fast else settings.corpus_mb)
+        report("encode", results["encode"])
+        results["peak_memory_mb"] = peak_memory_mb(device)
+        return results
     peaks = matmul_peaks(device, 256 if settings.fast else 2048, min_seconds)
     results["matmul_gflops"] = peaks
     report("matmul_gflops", peaks)

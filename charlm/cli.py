@@ -286,6 +286,7 @@ def bench(
     corpus_mb: int = typer.Option(100, "--corpus-mb", help="size of the generated corpus for the encoding test"),
     fast: bool = typer.Option(False, "--fast", help="tiny sizes and short timings: checks that everything runs"),
     profile: bool = typer.Option(False, "--profile", help="also show where a training step's time goes (PyTorch profiler)"),
+    encode_only: bool = typer.Option(False, "--encode-only", help="measure only the corpus encoding (e.g. of 1 GB: --corpus-mb 1000)"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
     **overrides: Any,
 ) -> None:
@@ -295,7 +296,7 @@ def bench(
     if corpus_mb < 1:
         raise CharlmError(f"--corpus-mb must be at least 1, got {corpus_mb}")
     config = load_config(base=bench_config().to_dict(), overrides=given_options(overrides))
-    settings = BenchSettings(config=config, fast=fast, corpus_mb=corpus_mb, profile=profile)
+    settings = BenchSettings(config=config, fast=fast, corpus_mb=corpus_mb, profile=profile, encode_only=encode_only)
     if as_json:
         print(to_json(run_bench(settings)))
         return
