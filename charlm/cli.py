@@ -40,7 +40,8 @@ TRAIN_SHORT_OPTIONS = {
 }
 # The keys `charlm bench` measures with, each also under its field's name (--cell, --batch-size).
 BENCH_KEYS = [key for key in all_keys() if key.startswith("model.")] + [
-    "train.batch_size", "train.seq_len", "train.precision", "train.device"]
+    "train.batch_size", "train.seq_len", "train.precision", "train.device",
+    "data.path", "data.unit", "data.exclude", "data.encoding_errors"]
 
 
 def option_names(key: str, kind: type, short: str | None) -> list[str]:
@@ -283,7 +284,7 @@ def plot(
 @with_config_options(keys=BENCH_KEYS, short={key: "--" + key.split(".")[1].replace("_", "-") for key in BENCH_KEYS},
                      defaults=bench_config())
 def bench(
-    corpus_mb: int = typer.Option(100, "--corpus-mb", help="size of the generated corpus for the encoding test"),
+    corpus_mb: int = typer.Option(100, "--corpus-mb", help="size of the generated corpus for the encoding test (unless --path names a real one)"),
     fast: bool = typer.Option(False, "--fast", help="tiny sizes and short timings: checks that everything runs"),
     profile: bool = typer.Option(False, "--profile", help="also show where a training step's time goes (PyTorch profiler)"),
     encode_only: bool = typer.Option(False, "--encode-only", help="measure only the corpus encoding (e.g. of 1 GB: --corpus-mb 1000)"),

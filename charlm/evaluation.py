@@ -86,7 +86,7 @@ def text_ids(path: str | Path, vocab: Vocab, skip_unknown: bool,
     if missing and not skip_unknown:
         raise unknown_characters(str(path), missing, remedy)
     encoded = vocab.encode(text, skip_unknown=True)
-    return torch.from_numpy(encoded), len(text) - len(encoded)
+    return torch.from_numpy(encoded), len(vocab.units(text)) - len(encoded)
 
 
 def evaluate(checkpoint: str | Path | LoadedModel | None = None, data: str | Path | None = None, *,

@@ -121,6 +121,12 @@ def test_byte_mode_trains_samples_and_evaluates_in_bytes(cli, unicode_corpus):
     assert 0.9 * val_bytes < json.loads(out)["chars"] < val_bytes
     one_line_error(*cli("train", "--init-from", "run", "--data", unicode_corpus, "--data.unit", "char", "--out", "tune",
                         *TINY)[::2], "cannot change --data.unit")
+    assert cli("export", "run", "--out", "small.pt")[0] == 0  # the unit travels with the export
+    code, out, err = cli("sample", "small.pt", "--length", "200", "--seed", "1", "--prime", "明")
+    assert code == 0 and out.startswith("明") and len(out.encode("utf-8")) > 150, err
+    (Path("other.txt")).write_text("明月光 café " * 20, encoding="utf-8")
+    report = json.loads(cli("eval", "small.pt", "--data", "other.txt", "--json")[1])
+    assert report["chars"] == len(("明月光 café " * 20).encode("utf-8")) - 1 and report["skipped_chars"] == 0
 
 
 def test_byte_decoding_joins_a_character_split_between_pieces():
@@ -198,3 +204,16 @@ def test_an_encoding_error_mid_cache_does_not_leave_a_cache(tree, tmp_path):
     with pytest.raises(CharlmError, match="z.txt is not valid UTF-8"):
         load_corpus(tree, tmp_path / "cache")
     assert list((tmp_path / "cache" / "encoded").iterdir()) == []
+
+
+def test_processes_encoding_at_once_share_one_cache(tree, tmp_path):
+    """As the ranks of a job do: each waits on the cache's lock, the first encodes, all map the same file."""
+    import subprocess
+    import sys
+    script = ("import sys; from charlm.data.corpus import load_corpus; "
+              "c = load_corpus(sys.argv[1], sys.argv[2]); print(c.sha256, len(c), c.ids.filename)")
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(tree), str(tmp_path / "cache")],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = {process.communicate(timeout=120)[0] for process in processes}
+    assert all(process.returncode == 0 for process in processes)
+    assert len(outputs) == 1 and len(list((tmp_path / "cache" / "encoded").glob("*.npy"))) == 1

@@ -200,7 +200,7 @@ class Corpus:
 
 def cache_name(source: Source, checksum: str, unit: str, errors: str) -> str:
     base = re.sub(r"[^\w.-]+", "_", Path(source.label).name) or "corpus"
-    return f"{base}-{checksum[:16]}-{unit}{'' if errors == 'strict' else '-' + errors}"
+    return f"{base}-{checksum[:16]}-{unit}{'' if errors == 'strict' else '-' + errors}-v{CACHE_VERSION}"
 
 
 def write_cache(source: Source, ids_file: Path, meta_file: Path, unit: str, errors: str) -> None:
