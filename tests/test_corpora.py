@@ -217,3 +217,24 @@ def test_processes_encoding_at_once_share_one_cache(tree, tmp_path):
     outputs = {process.communicate(timeout=120)[0] for process in processes}
     assert all(process.returncode == 0 for process in processes)
     assert len(outputs) == 1 and len(list((tmp_path / "cache" / "encoded").glob("*.npy"))) == 1
+
+
+def test_unchanged_files_are_not_hashed_again_and_an_edit_is_seen(tree, tmp_path, monkeypatch):
+    from charlm.data import sources
+    first = load_corpus(tree, tmp_path / "cache")
+    hashed = []
+    monkeypatch.setattr(sources, "sha256_of", lambda path: hashed.append(path.name) or datasets.sha256_of(path))
+    assert load_corpus(tree, tmp_path / "cache").sha256 == first.sha256 and hashed == []
+    (tree / "b.txt").write_text("SECOND FILE\n" * 50, encoding="utf-8")  # the same size, a new mtime
+    edited = load_corpus(tree, tmp_path / "cache")
+    assert hashed == ["b.txt"] and edited.sha256 != first.sha256 and "SECOND" in text_of(edited)
+
+
+def test_training_reads_the_mapped_ids_without_copying_them(tiny_config):
+    from charlm.data.corpus import open_corpus
+    from charlm.training.setup import build_training
+    config = tiny_config()
+    corpus = open_corpus(config.data)
+    setup = build_training(config, corpus)
+    assert isinstance(corpus.ids, np.memmap)
+    assert setup.batcher.inputs.untyped_storage().data_ptr() == corpus.ids.ctypes.data

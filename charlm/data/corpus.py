@@ -34,6 +34,7 @@ from .vocab import MAX_CODE_POINT, Vocab, code_points, make_vocab, unknown_chara
 
 CHUNK_BYTES = 1 << 22
 CACHE_VERSION = 3  # 3: keyed by the content's sha256 and the unit; multi-file corpora
+CHECKSUMS = "checksums.json"  # the sha256 of files by path, size, mtime and inode: unchanged files are not hashed again
 
 
 def open_corpus(config: DataConfig, vocab: Vocab | None = None) -> "Corpus":
@@ -198,6 +199,15 @@ class Corpus:
                                    skipped=int(len(ids) - known.sum()))
 
 
+def read_checksums(path: Path) -> dict[str, str]:
+    """The files' checksums an earlier run wrote (``Source.checksum``'s memo), or none when unreadable."""
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
 def cache_name(source: Source, checksum: str, unit: str, errors: str) -> str:
     base = re.sub(r"[^\w.-]+", "_", Path(source.label).name) or "corpus"
     return f"{base}-{checksum[:16]}-{unit}{'' if errors == 'strict' else '-' + errors}-v{CACHE_VERSION}"
@@ -213,8 +223,10 @@ def write_cache(source: Source, ids_file: Path, meta_file: Path, unit: str, erro
 
 def encoded(source: Source, cache_dir: str | Path, unit: str = "char", errors: str = "strict") -> Corpus:
     """The source's ids in ``unit``: encoded once into the cache, then mapped from it while its content is unchanged."""
-    checksum = source.checksum()
     cache = Path(cache_dir) / "encoded"
+    known = read_checksums(cache / CHECKSUMS)
+    before = dict(known)
+    checksum = source.checksum(known)
     name = cache_name(source, checksum, unit, errors)
     ids_file, meta_file = cache / f"{name}.npy", cache / f"{name}.json"
     try:
@@ -222,6 +234,8 @@ def encoded(source: Source, cache_dir: str | Path, unit: str = "char", errors: s
         with locked(cache):
             if not (ids_file.is_file() and meta_file.is_file()):
                 write_cache(source, ids_file, meta_file, unit, errors)
+            if known != before:
+                atomic_write(cache / CHECKSUMS, lambda out: out.write(json.dumps(known).encode("utf-8")))
     except OSError as err:
         raise CharlmError(f"cannot write the encoded corpus to {cache} ({err.strerror or err}); "
                           "free some space or pass --data-dir DIR") from None

@@ -47,10 +47,16 @@ class Source:
     def multi_file(self) -> bool:
         return self.dataset is None and (len(self.files) > 1 or self.label != str(self.files[0].path))
 
-    def checksum(self) -> str:
-        """The sha256 of the content: the file's own for one file; for several, of their names and sha256s."""
+    def checksum(self, known: dict[str, str] | None = None) -> str:
+        """The sha256 of the content: the file's own for one file; for several, of their names and sha256s.
+
+        ``known`` maps ``stat_key``s to sha256s: a file whose path, size, mtime and inode are there is
+        not read again (a gigabyte costs about a second to hash); the files read are added to it."""
+        known = {} if known is None else known
         for file in self.files:
-            file.sha256 = file.sha256 or sha256_of(file.path)
+            key = stat_key(file.path)
+            file.sha256 = file.sha256 or known.get(key) or sha256_of(file.path)
+            known[key] = file.sha256
         if not self.multi_file:
             return self.files[0].sha256
         manifest = "".join(f"{file.name}\0{file.sha256}\n" for file in self.files)
@@ -59,6 +65,11 @@ class Source:
     def manifest(self) -> list[dict]:
         """The file list a run records (for a multi-file corpus): name, size and sha256 of each."""
         return [{"name": f.name, "bytes": f.size, "sha256": f.sha256} for f in self.files] if self.multi_file else []
+
+
+def stat_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
 
 
 def exclusions(config: DataConfig) -> list[str]:
