@@ -145,30 +145,35 @@ def zipped(member: str, body: bytes) -> bytes:
 
 
 @pytest.fixture
-def small_text8(monkeypatch):
-    """text8 as a 3,000-character stand-in served on 127.0.0.1: (the text, its zip, start(body) -> server)."""
-    text = ("the quick brown fox jumps over the lazy dog " * 70)[:3000].encode()
-    archive = zipped("text8", text)
+def small_dataset(monkeypatch):
+    """small_dataset(name) -> (text, zip, start(body)): the dataset as a 3,000-character stand-in with a
+    2,400/300/300 split, its checksum (of the dataset's own algorithm) that of the zip, served on 127.0.0.1."""
     servers = []
-    monkeypatch.setitem(datasets.DATASETS, "text8", replace(
-        datasets.DATASETS["text8"], checksum=hashlib.sha1(archive).hexdigest(), train=2400, valid=300))
 
-    def start(body: bytes) -> Served:
-        servers.append(Served(body))
-        monkeypatch.setenv("CHARLM_TEXT8_URL", servers[-1].url)
-        return servers[-1]
-    yield text, archive, start
+    def make(name: str):
+        text = ("the quick brown fox jumps over the lazy dog " * 70)[:3000].encode()
+        archive, dataset = zipped(name, text), datasets.DATASETS[name]
+        monkeypatch.setitem(datasets.DATASETS, name, replace(
+            dataset, checksum=hashlib.new(dataset.algorithm, archive).hexdigest(), train=2400, valid=300))
+
+        def start(body: bytes) -> Served:
+            servers.append(Served(body))
+            monkeypatch.setenv(dataset.url_variable, servers[-1].url)
+            return servers[-1]
+        return text, archive, start
+    yield make
     for server in servers:
         server.close()
 
 
-def test_a_named_dataset_downloads_extracts_and_evaluates_its_test_split(cli, small_text8, tmp_path):
-    text, archive, start = small_text8
+@pytest.mark.parametrize("name, unit", [("text8", "char"), ("enwik8", "byte")])
+def test_a_named_dataset_downloads_extracts_and_evaluates_its_test_split(cli, small_dataset, tmp_path, name, unit):
+    text, archive, start = small_dataset(name)
     start(archive)
-    code, _, err = cli("train", "--data", "text8", *TINY, "--max-steps", "4", "--out", "run")
+    code, _, err = cli("train", "--data", name, "--data.unit", unit, *TINY, "--max-steps", "4", "--out", "run")
     assert code == 0, err
-    assert (tmp_path / "cache" / "text8").read_bytes() == text
-    assert (tmp_path / "cache" / "text8.zip").read_bytes() == archive
+    assert (tmp_path / "cache" / name).read_bytes() == text
+    assert (tmp_path / "cache" / f"{name}.zip").read_bytes() == archive
     code, out, err = cli("eval", "run", "--split", "test", "--json")
     assert code == 0, err
     report = json.loads(out)
@@ -176,8 +181,8 @@ def test_a_named_dataset_downloads_extracts_and_evaluates_its_test_split(cli, sm
     assert json.loads(cli("eval", "run", "--json")[1])["chars"] == 300 - 1
 
 
-def test_a_dataset_with_a_wrong_checksum_is_refused_and_nothing_is_kept(cli, small_text8, tmp_path):
-    _, archive, start = small_text8
+def test_a_dataset_with_a_wrong_checksum_is_refused_and_nothing_is_kept(cli, small_dataset, tmp_path):
+    _, _, start = small_dataset("text8")
     start(zipped("text8", b"tampered " * 100))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "keep.txt").write_text("untouched")
