@@ -243,3 +243,14 @@ def test_training_reads_the_mapped_ids_without_copying_them(tiny_config):
     setup = build_training(config, corpus)
     assert isinstance(corpus.ids, np.memmap)
     assert setup.batcher.inputs.untyped_storage().data_ptr() == corpus.ids.ctypes.data
+
+
+def test_an_onnx_export_of_a_byte_model_says_its_unit(cli, unicode_corpus):
+    ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    assert cli("train", "--data", unicode_corpus, "--data.unit", "byte", *TINY, "--max-steps", "2", "--out", "run")[0] == 0
+    code, _, err = cli("export", "run", "--format", "onnx", "--out", "model.onnx")
+    assert code == 0, err
+    meta = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    chars = json.loads(meta["vocab"])
+    assert meta["unit"] == "byte" and all(ord(char) < 256 for char in chars)
+    assert set(map(ord, chars)) == set(unicode_corpus.read_bytes())
