@@ -254,3 +254,18 @@ def test_an_onnx_export_of_a_byte_model_says_its_unit(cli, unicode_corpus):
     chars = json.loads(meta["vocab"])
     assert meta["unit"] == "byte" and all(ord(char) < 256 for char in chars)
     assert set(map(ord, chars)) == set(unicode_corpus.read_bytes())
+
+
+def test_a_read_only_cache_encoded_beforehand_still_serves(ascii_corpus, tmp_path, monkeypatch):
+    first = load_corpus(ascii_corpus, tmp_path / "cache")
+    (tmp_path / "cache" / "encoded" / "checksums.json").unlink()  # as if another user had encoded it
+    real = corpus_module.atomic_write
+
+    def read_only(path, write):  # the tests run as root, whom chmod does not stop
+        if path.parent == tmp_path / "cache" / "encoded":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(path, write)
+
+    monkeypatch.setattr(corpus_module, "atomic_write", read_only)
+    again = load_corpus(ascii_corpus, tmp_path / "cache")
+    assert again.sha256 == first.sha256 and np.array_equal(again.ids, first.ids)

@@ -208,6 +208,14 @@ def read_checksums(path: Path) -> dict[str, str]:
     return known if isinstance(known, dict) else {}
 
 
+def remember_checksums(path: Path, known: dict[str, str]) -> None:
+    """Save the memo where the cache is writable; a read-only cache (shared, encoded beforehand) still serves."""
+    try:
+        atomic_write(path, lambda out: out.write(json.dumps(known).encode("utf-8")))
+    except OSError:
+        pass
+
+
 def cache_name(source: Source, checksum: str, unit: str, errors: str) -> str:
     base = re.sub(r"[^\w.-]+", "_", Path(source.label).name) or "corpus"
     return f"{base}-{checksum[:16]}-{unit}{'' if errors == 'strict' else '-' + errors}-v{CACHE_VERSION}"
@@ -235,7 +243,7 @@ def encoded(source: Source, cache_dir: str | Path, unit: str = "char", errors: s
             if not (ids_file.is_file() and meta_file.is_file()):
                 write_cache(source, ids_file, meta_file, unit, errors)
             if known != before:
-                atomic_write(cache / CHECKSUMS, lambda out: out.write(json.dumps(known).encode("utf-8")))
+                remember_checksums(cache / CHECKSUMS, known)
     except OSError as err:
         raise CharlmError(f"cannot write the encoded corpus to {cache} ({err.strerror or err}); "
                           "free some space or pass --data-dir DIR") from None
