@@ -21,7 +21,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,12 +29,17 @@ import torch
 from ..config import DataConfig
 from ..errors import CharlmError
 from ..files import atomic_write
+from .datasets import progress
 from .sources import SEPARATOR, Source, find_source
 from .vocab import MAX_CODE_POINT, Vocab, code_points, make_vocab, unknown_characters, units_of
 
 CHUNK_BYTES = 1 << 22
 CACHE_VERSION = 3  # 3: keyed by the content's sha256 and the unit; multi-file corpora
 CHECKSUMS = "checksums.json"  # the sha256 of files by path, size, mtime and inode: unchanged files are not hashed again
+
+
+def no_progress(_: int) -> None:
+    """The progress callback when nobody is listening."""
 
 
 def open_corpus(config: DataConfig, vocab: Vocab | None = None) -> "Corpus":
@@ -47,8 +52,9 @@ def open_corpus(config: DataConfig, vocab: Vocab | None = None) -> "Corpus":
     return corpus if vocab is None else corpus.in_vocab(vocab, config.skip_unknown)
 
 
-def iter_text_chunks(path: Path, errors: str):
-    """Decode a UTF-8 file chunk by chunk, with one-line errors for bad input."""
+def iter_text_chunks(path: Path, errors: str, advance: Callable[[int], object] = no_progress):
+    """Decode a UTF-8 file chunk by chunk, with one-line errors for bad input (``advance`` hears
+    how many bytes each chunk was)."""
     if not path.exists():
         raise CharlmError(f"corpus file {path} not found; check the path or pass --data FILE")
     if path.is_dir():
@@ -58,6 +64,7 @@ def iter_text_chunks(path: Path, errors: str):
     with path.open("rb") as fh:
         while True:
             block = fh.read(CHUNK_BYTES)
+            advance(len(block))
             if offset == 0 and b"\x00" in block[:8192]:
                 raise CharlmError(f"{path} looks like a binary file (it has NUL bytes); charlm trains on UTF-8 text")
             pending = len(decoder.getstate()[0])  # the previous block's unfinished character, decoded with this one
@@ -86,23 +93,26 @@ def file_bytes(path: Path) -> Iterator[bytes]:
         yield from iter(lambda: fh.read(CHUNK_BYTES), b"")
 
 
-def unit_chunks(source: Source, unit: str, errors: str) -> Iterator[np.ndarray]:
-    """The source's units (code points or bytes) chunk by chunk, ``SEPARATOR`` between its files."""
+def unit_chunks(source: Source, unit: str, errors: str, advance: Callable[[int], object] = no_progress) -> Iterator[np.ndarray]:
+    """The source's units (code points or bytes) chunk by chunk, ``SEPARATOR`` between its files
+    (``advance`` hears how many bytes of the files each chunk came from)."""
     separator = units_of(SEPARATOR, unit)
     for index, file in enumerate(source.files):
         if index:
             yield separator
         if unit == "byte":  # bytes are modelled as they are: nothing to decode
-            yield from (np.frombuffer(block, dtype=np.uint8) for block in file_bytes(file.path))
+            for block in file_bytes(file.path):
+                advance(len(block))
+                yield np.frombuffer(block, dtype=np.uint8)
         else:
-            yield from (code_points(text) for text in iter_text_chunks(file.path, errors))
+            yield from (code_points(text) for text in iter_text_chunks(file.path, errors, advance))
 
 
-def scan(source: Source, unit: str, errors: str) -> tuple[Vocab, int]:
+def scan(source: Source, unit: str, errors: str, advance: Callable[[int], object] = no_progress) -> tuple[Vocab, int]:
     """The first pass: the vocabulary (the units that occur) and the length in units."""
     seen = np.zeros(256 if unit == "byte" else MAX_CODE_POINT, dtype=bool)
     length = 0
-    for chunk in unit_chunks(source, unit, errors):
+    for chunk in unit_chunks(source, unit, errors, advance):
         seen[chunk] = True
         length += len(chunk)
     if length == 0:
@@ -110,14 +120,15 @@ def scan(source: Source, unit: str, errors: str) -> tuple[Vocab, int]:
     return make_vocab("".join(map(chr, np.flatnonzero(seen))), unit), length
 
 
-def write_ids(out: BinaryIO, source: Source, vocab: Vocab, length: int, errors: str) -> None:
+def write_ids(out: BinaryIO, source: Source, vocab: Vocab, length: int, errors: str,
+              advance: Callable[[int], object] = no_progress) -> None:
     """The second pass: the ids as a ``.npy`` file, written as a stream (not through a memory map,
     whose dirty pages would count in the resident memory)."""
     dtype = np.dtype(id_dtype(len(vocab)))
     np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                "fortran_order": False, "shape": (length,)})
     written = 0
-    for chunk in unit_chunks(source, vocab.unit, errors):
+    for chunk in unit_chunks(source, vocab.unit, errors, advance):
         out.write(vocab.ids_of(chunk).astype(dtype).tobytes())
         written += len(chunk)
     if written != length:
@@ -222,8 +233,10 @@ def cache_name(source: Source, checksum: str, unit: str, errors: str) -> str:
 
 
 def write_cache(source: Source, ids_file: Path, meta_file: Path, unit: str, errors: str) -> None:
-    vocab, length = scan(source, unit, errors)
-    atomic_write(ids_file, lambda out: write_ids(out, source, vocab, length, errors))
+    """Encode in two passes over the files (a progress bar on a terminal counts both)."""
+    with progress(2 * sum(file.size for file in source.files), f"encoding {Path(source.label).name}") as bar:
+        vocab, length = scan(source, unit, errors, bar.update)
+        atomic_write(ids_file, lambda out: write_ids(out, source, vocab, length, errors, bar.update))
     meta = {"version": CACHE_VERSION, "source": source.label, "unit": unit, "chars": vocab.chars,
             "length": length, "files": source.manifest()}
     atomic_write(meta_file, lambda out: out.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
