@@ -18,13 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from .config import Config, ModelConfig, bench_config
+from .config import Config, DataConfig, ModelConfig, bench_config
 from .data.vocab import Vocab
 from .device import cpu_has_fast_bf16, resolve_device, resolve_precision
 from .evaluation import mean_loss
@@ -42,6 +42,7 @@ class BenchSettings:
     fast: bool = False
     corpus_mb: int = 100
     profile: bool = False
+    encode_only: bool = False  # only the corpus encoding (a large --corpus-mb takes minutes of its own)
 
     @property
     def model(self) -> ModelConfig:
@@ -200,34 +201,41 @@ def synthetic_corpus(path: Path, megabytes: int) -> None:
 
 
 ENCODE_CHILD = """
-import sys, time
-from pathlib import Path
+import json, sys, time
 def rss(field):
     for line in open('/proc/self/status'):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
     return 0
-from charlm.data.corpus import load_corpus
+from charlm.config import DataConfig
+from charlm.data.corpus import open_corpus
+from charlm.data.sources import find_source
+config = DataConfig(**json.loads(sys.argv[1]))
 base = rss('VmRSS:')
 start = time.perf_counter()
-corpus = load_corpus(Path(sys.argv[1]), Path(sys.argv[2]))
+corpus = open_corpus(config)
 first = time.perf_counter() - start
 peak = rss('VmHWM:') - base
 start = time.perf_counter()
-load_corpus(Path(sys.argv[1]), Path(sys.argv[2]))
-print(first, time.perf_counter() - start, peak, len(corpus))
+open_corpus(config)
+print(first, time.perf_counter() - start, peak, len(corpus), sum(f.size for f in find_source(config).files))
 """
 
 
-def encoding_benchmark(megabytes: int) -> dict[str, float]:
-    """Encode a generated corpus in a fresh process: speed, peak memory over its baseline, cached reload."""
+def encoding_benchmark(megabytes: int, data: DataConfig | None = None) -> dict[str, float]:
+    """Encode a corpus in a fresh process, into a fresh cache: speed, peak memory over the process's
+    baseline (PyTorch imported), cached reload. ``data`` names a real corpus (its ``path``, ``unit``,
+    ``exclude``, ``encoding_errors``); without one, a generated corpus of ``megabytes``."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "corpus.txt"
-        synthetic_corpus(path, megabytes)
-        size = path.stat().st_size
-        out = subprocess.run([sys.executable, "-c", ENCODE_CHILD, str(path), tmp], capture_output=True, text=True,
-                             check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
-        first, cached, peak, chars = out.stdout.split()
+        if data is None or not data.path:
+            path = Path(tmp) / "corpus.txt"
+            synthetic_corpus(path, megabytes)
+            data = replace(data or DataConfig(), path=str(path))
+        config = replace(data, dir=str(Path(tmp) / "cache"))
+        out = subprocess.run([sys.executable, "-c", ENCODE_CHILD, json.dumps(asdict(config))], capture_output=True,
+                             text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+        first, cached, peak, chars, size = out.stdout.split()
+    size = int(size)
     return {"corpus_mb": size / 1e6, "encode_seconds": float(first), "encode_mb_per_s": size / 1e6 / float(first),
             "cached_load_seconds": float(cached), "peak_memory_mb": int(peak) / 1e6,
             "peak_memory_x_file": int(peak) / size, "chars": int(chars)}
@@ -251,6 +259,11 @@ def run_bench(settings: BenchSettings, on_result: Callable[[str, Any], None] | N
         "model": f"{settings.model.layers}x{settings.model.hidden_size} {settings.model.cell}",
         "batch_size": settings.batch_size, "seq_len": settings.seq_len,
     }
+    if settings.encode_only:
+        results["encode"] = encoding_benchmark(2 if settings.fast else settings.corpus_mb, settings.config.data)
+        report("encode", results["encode"])
+        results["peak_memory_mb"] = peak_memory_mb(device)
+        return results
     peaks = matmul_peaks(device, 256 if settings.fast else 2048, min_seconds)
     results["matmul_gflops"] = peaks
     report("matmul_gflops", peaks)
@@ -270,7 +283,7 @@ def run_bench(settings: BenchSettings, on_result: Callable[[str, Any], None] | N
     results["sample"] = {"one_stream_chars_per_s": sampling_throughput(settings, device, 1, length),
                          "batch_256_chars_per_s": sampling_throughput(settings, device, 256, length // 4)}
     report("sample", results["sample"])
-    results["encode"] = encoding_benchmark(2 if settings.fast else settings.corpus_mb)
+    results["encode"] = encoding_benchmark(2 if settings.fast else settings.corpus_mb, settings.config.data)
     report("encode", results["encode"])
     results["peak_memory_mb"] = peak_memory_mb(device)
     return results

@@ -41,7 +41,8 @@ TRAIN_SHORT_OPTIONS = {
 }
 # The keys `charlm bench` measures with, each also under its field's name (--cell, --batch-size).
 BENCH_KEYS = [key for key in all_keys() if key.startswith("model.")] + [
-    "train.batch_size", "train.seq_len", "train.precision", "train.device"]
+    "train.batch_size", "train.seq_len", "train.precision", "train.device",
+    "data.path", "data.unit", "data.exclude", "data.encoding_errors"]
 
 
 def option_names(key: str, kind: type, short: str | None) -> list[str]:
@@ -91,7 +92,7 @@ def given_options(overrides: dict[str, Any]) -> dict[str, Any]:
 @app.command(no_args_is_help=False)
 @with_config_options(short=TRAIN_SHORT_OPTIONS)
 def train(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file, or the name of a bundled one (shakespeare, quick, tiny, pretrained) [default: the built-in defaults, which equal shakespeare]", show_default=False),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="TOML config file, or the name of a bundled one (shakespeare, quick, tiny, pretrained, enwik8, text8) [default: the built-in defaults, which equal shakespeare]", show_default=False),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory from its last.pt, with its saved config; options such as --max-steps may change how long it trains, never the model or the data"),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="start a new run (--out) from the weights of this run directory, checkpoint or 'pretrained': fine-tuning, with a fresh optimizer and schedule", show_default=False),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only errors and the final line"),
@@ -191,6 +192,7 @@ def evaluate_command(
     data: Optional[Path] = typer.Option(None, "--data", help="evaluate on this whole text file instead of the validation split", show_default="validation split of the training corpus"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="cache directory for the training corpus (env CHARLM_DATA_DIR)", show_default="the checkpoint's"),
     skip_unknown: bool = typer.Option(False, "--skip-unknown", help="leave out characters the model never saw, and count them"),
+    split: str = typer.Option("valid", "--split", help="valid|test|train: which split of the training corpus (test: enwik8 and text8's standard one)"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
     dynamic: bool = typer.Option(False, "--dynamic", help="dynamic evaluation: score each segment, then learn from it (the checkpoint on disk is not changed)"),
@@ -205,7 +207,7 @@ def evaluate_command(
 
     settings = dynamic_settings(lr=dynamic_lr, decay=dynamic_decay, segment=dynamic_segment) if dynamic else None
     with progress_bar("dynamic evaluation", disable=as_json or not dynamic) as on_progress:
-        report = evaluate(checkpoint, data, device=device, data_dir=data_dir, skip_unknown=skip_unknown,
+        report = evaluate(checkpoint, data, device=device, data_dir=data_dir, skip_unknown=skip_unknown, split=split,
                           dynamic=settings, on_progress=on_progress)
     if as_json:
         print(json.dumps({"checkpoint": report.checkpoint, "data": report.source, "skipped_chars": report.skipped,
@@ -274,7 +276,7 @@ def export(
         from .model.checkpoint import load_model
         from .model.export import export_onnx
         loaded = load_model(checkpoint)
-        path = export_onnx(loaded.model, loaded.vocab.chars, out)
+        path = export_onnx(loaded.model, loaded.vocab.chars, out, loaded.vocab.unit)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return
     if export_format != "pt":
@@ -301,9 +303,10 @@ def plot(
 @with_config_options(keys=BENCH_KEYS, short={key: "--" + key.split(".")[1].replace("_", "-") for key in BENCH_KEYS},
                      defaults=bench_config())
 def bench(
-    corpus_mb: int = typer.Option(100, "--corpus-mb", help="size of the generated corpus for the encoding test"),
+    corpus_mb: int = typer.Option(100, "--corpus-mb", help="size of the generated corpus for the encoding test (unless --path names a real one)"),
     fast: bool = typer.Option(False, "--fast", help="tiny sizes and short timings: checks that everything runs"),
     profile: bool = typer.Option(False, "--profile", help="also show where a training step's time goes (PyTorch profiler)"),
+    encode_only: bool = typer.Option(False, "--encode-only", help="measure only the corpus encoding (e.g. of 1 GB: --corpus-mb 1000)"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
     **overrides: Any,
 ) -> None:
@@ -313,7 +316,7 @@ def bench(
     if corpus_mb < 1:
         raise CharlmError(f"--corpus-mb must be at least 1, got {corpus_mb}")
     config = load_config(base=bench_config().to_dict(), overrides=given_options(overrides))
-    settings = BenchSettings(config=config, fast=fast, corpus_mb=corpus_mb, profile=profile)
+    settings = BenchSettings(config=config, fast=fast, corpus_mb=corpus_mb, profile=profile, encode_only=encode_only)
     if as_json:
         print(to_json(run_bench(settings)))
         return

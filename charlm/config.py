@@ -23,11 +23,13 @@ from .errors import CharlmError
 
 @dataclass
 class DataConfig:
-    path: str = field(default="", metadata={"help": "UTF-8 text file to train on; empty means Tiny Shakespeare (downloaded once)"})
+    path: str = field(default="", metadata={"help": "what to train on: a UTF-8 text file, a directory or glob of them (joined in sorted order), or a dataset name (enwik8, text8); empty means Tiny Shakespeare (downloaded once)"})
     dir: str = field(default="data", metadata={"help": "cache directory for downloaded and encoded corpora (env CHARLM_DATA_DIR)"})
     val_fraction: float = field(default=0.1, metadata={"help": "fraction of the corpus held out for validation (taken from the end)"})
     encoding_errors: str = field(default="strict", metadata={"help": "how to treat bytes that are not UTF-8: strict|replace|ignore"})
     skip_unknown: bool = field(default=False, metadata={"help": "with --init-from: leave out characters the model's vocabulary lacks (counted in the summary)"})
+    unit: str = field(default="char", metadata={"help": "what the model reads and writes: char (Unicode code points) or byte (UTF-8 bytes, at most 256)"})
+    exclude: str = field(default="", metadata={"help": "for a directory or glob: comma-separated patterns of relative paths to leave out, e.g. 'site-packages,test/*'"})
 
 
 @dataclass
@@ -104,6 +106,7 @@ def bench_config() -> Config:
 
 CHOICES = {
     "data.encoding_errors": ("strict", "replace", "ignore"),
+    "data.unit": ("char", "byte"),
     "model.cell": ("rnn", "lstm", "gru"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.backend": ("auto", "gloo", "nccl"),

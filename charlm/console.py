@@ -155,16 +155,24 @@ def info_table(info: dict[str, Any]) -> Table:
         "model": f"{info['layers']}x{info['hidden_size']} {info['cell'].upper()}, embedding {info['embedding_size']}"
                  + (", tied" if info["tied"] else ""),
         "parameters": f"{info['parameters']:,}",
-        "vocabulary": f"{info['vocabulary_size']:,} characters: {info['vocabulary']}",
+        "vocabulary": f"{info['vocabulary_size']:,} {'bytes' if info['unit'] == 'byte' else 'characters'}: {info['vocabulary']}",
         "trained": f"{known(info['step'], '{:,}')} steps, {known(info['epochs'], '{:.2f}')} epochs",
         "best validation loss": known(info["best_val_loss"], "{:.4f}"),
-        "corpus": f"{info['corpus']} ({known(info['corpus_chars'], '{:,}')} chars, sha256 {known(info['corpus_sha256'])})",
+        "corpus": f"{info['corpus']} ({known(info['corpus_chars'], '{:,}')} {info['unit']}s, sha256 {known(info['corpus_sha256'])})",
+        "corpus files": files_preview(info["corpus_files"]),
         "trained on": f"{known(info['device'])}, {known(info['precision'])}, {info['world_size']} process(es)",
         "initialised from": info["init_from"],
         "versions": f"charlm {known(info['charlm_version'])}, PyTorch {known(info['torch_version'])}, "
                     f"checkpoint format {info['format_version']}",
     }
     return key_value_table("charlm info", rows)
+
+
+def files_preview(names: list[str], shown: int = 3) -> str | None:
+    """A multi-file corpus's file count and its first names (None for a one-file corpus)."""
+    if not names:
+        return None
+    return f"{len(names):,}: {', '.join(names[:shown])}{' ...' if len(names) > shown else ''}"
 
 
 def runs_table(runs: list[dict[str, Any]]) -> Table:

@@ -28,6 +28,9 @@ EVAL_BATCH = 16
 EVAL_SEQ_LEN = 256
 
 
+SPLIT_NAMES = {"train": "training", "valid": "validation", "test": "test"}
+
+
 @dataclass
 class EvalResult:
     loss: float
@@ -83,15 +86,15 @@ def text_ids(path: str | Path, vocab: Vocab, skip_unknown: bool,
     if missing and not skip_unknown:
         raise unknown_characters(str(path), missing, remedy)
     encoded = vocab.encode(text, skip_unknown=True)
-    return torch.from_numpy(encoded), len(text) - len(encoded)
+    return torch.from_numpy(encoded), len(vocab.units(text)) - len(encoded)
 
 
 def evaluate(checkpoint: str | Path | LoadedModel | None = None, data: str | Path | None = None, *,
-             device: str = "auto", data_dir: str | None = None, skip_unknown: bool = False,
+             device: str = "auto", data_dir: str | None = None, skip_unknown: bool = False, split: str = "valid",
              dynamic: "DynamicSettings | None" = None, on_progress: Callable[[int, int], None] | None = None) -> TextEvaluation:
     """Loss of a checkpoint (a file, a run directory, 'pretrained' or None for the bundled model, or a
-    ``load_model`` result) on ``data`` (a whole text file) or, without it, on the validation split of
-    the corpus it was trained on (found under ``data_dir`` when given). With ``dynamic`` settings the
+    ``load_model`` result) on ``data`` (a whole text file) or, without it, on the ``split`` ('valid',
+    'test' for a named dataset, or 'train') of the corpus it was trained on (found under ``data_dir`` when given). With ``dynamic`` settings the
     text is read as one stream by dynamic evaluation (``charlm.dynamic``); ``on_progress(done, total)``
     then hears of each segment."""
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint, resolve_device(device))
@@ -99,8 +102,10 @@ def evaluate(checkpoint: str | Path | LoadedModel | None = None, data: str | Pat
     if data is None:
         config = loaded.config if data_dir is None else load_config(base=loaded.config.to_dict(), overrides={"data.dir": data_dir})
         corpus = training_corpus(config, loaded.checkpoint, loaded.checkpoint["path"], "pass --data FILE to evaluate on another text")
-        ids, source, skipped = corpus.split(config.data.val_fraction)[1], f"{corpus.path} (validation split)", 0
+        ids, source, skipped = corpus.part(split, config.data.val_fraction), f"{corpus.path} ({SPLIT_NAMES[split]} split)", 0
     else:
+        if split != "valid":
+            raise CharlmError("--split chooses a split of the training corpus; it takes no --data FILE")
         (ids, skipped), source = text_ids(data, loaded.vocab, skip_unknown), str(data)
     if len(ids) < 2:
         raise CharlmError(f"{source} is too short to evaluate (it needs at least 2 known characters)")

@@ -272,9 +272,11 @@ def pieces(model: CharRNN, vocab: Vocab, ids: list[int], settings: SampleSetting
     generator = torch.Generator().manual_seed(settings.seed if settings.seed is not None else torch.seed())
     hidden, tokens = primed(model, ids, batch)
     chunks = sampler(inference_weights(model), hidden, tokens, settings)
+    decoders = [vocab.stream_decoder() for _ in range(batch)]  # a byte model's character may span two chunks
     for start in range(0, settings.length, CHUNK):
         uniforms = torch.rand(min(CHUNK, settings.length - start), batch, generator=generator)
-        yield [vocab.decode(row) for row in chunks.run(uniforms.to(device))]
+        last = start + CHUNK >= settings.length
+        yield [decode(row, last) for decode, row in zip(decoders, chunks.run(uniforms.to(device)))]
 
 
 def stream(model: CharRNN, vocab: Vocab, prime: str = "", settings: SampleSettings | None = None) -> Iterator[list[str]]:

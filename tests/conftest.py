@@ -70,6 +70,8 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CHARLM_DATA_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CHARLM_SHAKESPEARE_URL", "http://127.0.0.1:9/tinyshakespeare.txt")
+    for name in ("ENWIK8", "TEXT8"):
+        monkeypatch.setenv(f"CHARLM_{name}_URL", f"http://127.0.0.1:9/{name.lower()}.zip")
     yield tmp_path
 
 

@@ -24,3 +24,15 @@ def test_fast_bench_runs_end_to_end(cli):
     profile = results["train_profile"]
     assert 0 < sum(row["share"] for row in profile) <= 1.0001
     assert any("rnn" in row["op"] or "lstm" in row["op"] for row in profile)
+
+
+def test_encode_only_measures_a_real_corpus(cli, tmp_path):
+    (tmp_path / "src").mkdir()
+    for name in ("a.py", "b.py"):
+        (tmp_path / "src" / name).write_text("print('hello')\n" * 100, encoding="utf-8")
+    code, out, err = cli("bench", "--encode-only", "--json", "--path", tmp_path / "src", "--unit", "byte")
+    assert code == 0, err
+    encode = json.loads(out)["encode"]
+    assert encode["chars"] == 2 * 1500 + 1  # two files' bytes and the separator between them
+    assert encode["corpus_mb"] == 3000 / 1e6 and encode["peak_memory_mb"] > 0
+    assert "train" not in json.loads(out)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from charlm.data.batches import StreamBatcher, eval_windows
-from charlm.data.corpus import download, load_corpus
+from charlm.data.corpus import load_corpus
+from charlm.data.datasets import download
 from charlm.errors import CharlmError
 
 
@@ -44,11 +45,9 @@ def test_bad_corpora(tmp_path, content, message):
         load_corpus(path, tmp_path / "cache")
 
 
-def test_missing_and_directory(tmp_path):
+def test_missing_file(tmp_path):
     with pytest.raises(CharlmError, match="not found"):
         load_corpus(tmp_path / "nope.txt", tmp_path / "cache")
-    with pytest.raises(CharlmError, match="is a directory"):
-        load_corpus(tmp_path, tmp_path / "cache")
 
 
 def test_replace_reads_latin1(tmp_path):
@@ -144,7 +143,7 @@ def test_download_without_connection_says_what_to_do(tmp_path):
 
 
 def test_default_corpus_download_through_the_cli(tmp_path, served, cli, monkeypatch):
-    from charlm.data import corpus as data
+    from charlm.data import datasets as data
     body = b"small stand-in corpus " * 400
     monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(body).hexdigest())
     monkeypatch.setenv("CHARLM_SHAKESPEARE_URL", served(body).url)

@@ -94,6 +94,19 @@ def test_two_processes_end_with_the_weights_of_one(cli, ascii_corpus, tmp_path):
     assert len(records) == len(set(records)) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())
 
 
+def test_the_ranks_of_a_job_encode_a_folder_once_and_map_the_same_file(tmp_path):
+    """Both ranks start on an empty cache: one encodes while the other waits on the lock, then both map it."""
+    (tmp_path / "texts" / "b").mkdir(parents=True)
+    (tmp_path / "texts" / "a.txt").write_text("first file of the folder\n" * 120, encoding="utf-8")
+    (tmp_path / "texts" / "b" / "c.txt").write_text("second, naïve café\n" * 120, encoding="utf-8")
+    code, err = finished(torchrun("train", "--data", tmp_path / "texts", "--data.unit", "byte", *EXACT,
+                                  "--max-steps", 6, "--out", tmp_path / "run"))
+    assert code == 0, err
+    assert len(list((tmp_path / "cache" / "encoded").glob("*.npy"))) == 1
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["job"]["world_size"] == 2 and [f["name"] for f in checkpoint["corpus"]["files"]] == ["a.txt", "b/c.txt"]
+
+
 def test_sigterm_to_the_launcher_saves_and_the_resume_is_exact(ascii_corpus, tmp_path):
     common = ["--data", ascii_corpus, *EXACT, "--max-steps", 60, "--train.random-seq-len", "--train.checkpoint-interval", 5]
     reference = torchrun("train", *common, "--out", tmp_path / "reference")

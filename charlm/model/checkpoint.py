@@ -19,7 +19,7 @@ import torch
 from .. import __version__
 from ..config import Config, load_config
 from ..data.corpus import Corpus, open_corpus
-from ..data.vocab import Vocab
+from ..data.vocab import Vocab, make_vocab
 from ..errors import CharlmError
 from ..files import atomic_write
 from .charrnn import CharRNN
@@ -127,7 +127,7 @@ def load_model(path: str | Path | None, device: torch.device | str = "cpu") -> L
     resolved = resolve(path)
     payload = load_checkpoint(resolved)
     config = load_config(base=payload["config"])
-    vocab = Vocab(payload["vocab"])
+    vocab = checkpoint_vocab(payload)
     model = CharRNN(len(vocab), config.model)
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["model"].items()}
     try:
@@ -139,15 +139,37 @@ def load_model(path: str | Path | None, device: torch.device | str = "cpu") -> L
     return LoadedModel(model, vocab, config, payload)
 
 
+def checkpoint_unit(payload: dict[str, Any]) -> str:
+    """What a checkpoint's model reads: 'char' (code points; every checkpoint before byte mode) or 'byte'."""
+    return payload["config"].get("data", {}).get("unit", "char")
+
+
+def checkpoint_vocab(payload: dict[str, Any]) -> Vocab:
+    return make_vocab(payload["vocab"], checkpoint_unit(payload))
+
+
+def corpus_changes(recorded: list[dict], now: list[dict]) -> str:
+    """Which files of a multi-file corpus differ from those a run recorded, in a few words."""
+    before, after = ({f["name"]: f["sha256"] for f in files} for files in (recorded, now))
+    changed = [name for name in after if name in before and before[name] != after[name]]
+    added, removed = [name for name in after if name not in before], [name for name in before if name not in after]
+    parts = [f"{label} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+             for label, names in (("changed", changed), ("new", added), ("missing", removed)) if names]
+    return "; ".join(parts) or "the files are joined differently"
+
+
 def training_corpus(config: Config, checkpoint: dict[str, Any], name: str, remedy: str) -> Corpus:
     """The corpus ``config`` names, read in the checkpoint's vocabulary, and refused in one line
     (``name``: the checkpoint or run, ``remedy``: what to do) where it is not the text the checkpoint
-    was trained on: by its recorded checksum, or for checkpoints that record none, by its vocabulary."""
+    was trained on: by its recorded checksum (for a directory, naming the files that differ), or
+    for checkpoints that record none, by its vocabulary."""
     corpus = open_corpus(config.data)
-    recorded = checkpoint["corpus"]["sha256"] if checkpoint["corpus"] else None
+    record = checkpoint["corpus"] or {}
+    recorded = record.get("sha256")
     if corpus.sha256 != recorded if recorded else corpus.vocab.chars != checkpoint["vocab"]:
-        raise CharlmError(f"{corpus.path} is not the corpus {name} was trained on (its content differs); {remedy}")
-    return corpus.in_vocab(Vocab(checkpoint["vocab"]), config.data.skip_unknown)
+        detail = corpus_changes(record["files"], corpus.files) if record.get("files") and corpus.files else "its content differs"
+        raise CharlmError(f"{corpus.path} is not the corpus {name} was trained on ({detail}); {remedy}")
+    return corpus.in_vocab(checkpoint_vocab(checkpoint), config.data.skip_unknown)
 
 
 def export_for_inference(source: str | Path, dest: str | Path) -> Path:

@@ -136,10 +136,11 @@ def state_names(cell: str) -> list[str]:
     return ["h", "c"] if cell == "lstm" else ["h"]
 
 
-def export_onnx(model: torch.nn.Module, vocab: str, out: str | Path) -> Path:
+def export_onnx(model: torch.nn.Module, vocab: str, out: str | Path, unit: str = "char") -> Path:
     """The one-step model as ONNX (opset 17) for onnxruntime, onnxruntime-web or any other runtime:
     inputs ``ids`` (int64, B) and the state (float32), outputs ``logits`` and the new state; the
-    vocabulary (a JSON string of the characters in id order) rides in the metadata as ``vocab``."""
+    vocabulary (a JSON string of the characters in id order) rides in the metadata as ``vocab``,
+    and ``unit`` says what they are: 'char', or 'byte' where each character chr(b) stands for the byte b."""
     try:
         import onnx
     except ImportError:
@@ -158,7 +159,7 @@ def export_onnx(model: torch.nn.Module, vocab: str, out: str | Path) -> Path:
         torch.onnx.export(step, (torch.zeros(1, dtype=torch.long), *state), graph, input_names=["ids", *names],
                           output_names=outputs, dynamic_axes=batch, opset_version=17, dynamo=False)
     exported = onnx.load_from_string(graph.getvalue())
-    for key, value in {"vocab": json.dumps(vocab), "cell": config.cell, "charlm_version": __version__}.items():
+    for key, value in {"vocab": json.dumps(vocab), "unit": unit, "cell": config.cell, "charlm_version": __version__}.items():
         exported.metadata_props.add(key=key, value=value)
     try:
         atomic_write(out, lambda fh: fh.write(exported.SerializeToString()))

@@ -197,7 +197,8 @@ class Trainer:
             "data": self.batcher.state_dict(),
             "hidden": map_hidden(torch.Tensor.cpu, self.job.whole_batch(self.hidden)),
             "rng": {**every_rng[0], "data": self.setup.data_generator.get_state(), "ranks": every_rng},
-            "corpus": {"path": str(corpus.path), "sha256": corpus.sha256, "chars": len(corpus), "skipped": corpus.skipped},
+            "corpus": {"path": str(corpus.path), "sha256": corpus.sha256, "chars": len(corpus), "skipped": corpus.skipped,
+                       "unit": corpus.vocab.unit, "files": corpus.files},
             "init_from": self.init_from,
             "job": {"world_size": self.job.world_size, "backend": self.job.backend, "run_id": self.job.run_id},
             "epochs": self.batcher.epochs_done,
@@ -360,12 +361,14 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         m, t, corpus = self.config.model, self.config.train, self.setup.corpus
+        unit = "byte" if corpus.vocab.unit == "byte" else "character"
         return {
             "run directory": str(self.run_dir.path),
-            "corpus": f"{corpus.path} ({len(corpus):,} chars: {self.setup.train_chars:,} train, "
+            "corpus": f"{corpus.path} ({len(corpus):,} {unit}s: {self.setup.train_chars:,} train, "
                       f"{len(self.setup.val_data):,} validation)",
+            "files": f"{len(corpus.files):,}, joined in sorted order" if corpus.files else None,
             "unknown characters skipped": f"{corpus.skipped:,}" if corpus.skipped else None,
-            "vocabulary": f"{len(self.setup.vocab):,} characters",
+            "vocabulary": f"{len(self.setup.vocab):,} {unit}s",
             "model": f"{m.layers}x{m.hidden_size} {m.cell.upper()}, embedding {m.embedding_size}"
                      + (", tied" if m.tie_weights else ""),
             "parameters": f"{self.model.num_parameters():,}",

@@ -18,9 +18,8 @@ import torch
 
 from ..config import Config, ModelConfig, load_config
 from ..data.corpus import open_corpus
-from ..data.vocab import Vocab
 from ..errors import CharlmError
-from ..model.checkpoint import load_checkpoint, resolve, training_corpus
+from ..model.checkpoint import checkpoint_unit, checkpoint_vocab, load_checkpoint, resolve, training_corpus
 from .loop import Reporter, Trainer, TrainResult
 from .distributed import Job, job_from_environment
 from .rundir import RunDirectory
@@ -84,8 +83,12 @@ def finetune_config(init_from: str | Path, path: str | Path | None = None, overr
     """The config of a fine-tune from ``init_from``: its model, then as for a new run the config file
     (a path or a bundled name) and the overrides, where a model option that differs is refused."""
     source = load_checkpoint(resolve(init_from))
-    config = load_config(path, overrides, base={"model": source["config"]["model"]})
+    unit = checkpoint_unit(source)
+    config = load_config(path, overrides, base={"model": source["config"]["model"], "data": {"unit": unit}})
     refuse_model_changes(source["config"]["model"], config.model, str(init_from))
+    if config.data.unit != unit:
+        raise CharlmError(f"cannot change --data.unit when fine-tuning from {init_from} (saved {unit!r}, asked "
+                          f"{config.data.unit!r}): the model reads {unit}s; train a new model without --init-from instead")
     return config
 
 
@@ -132,7 +135,7 @@ def train(config: Config, *, init_from: str | Path | None = None, reporter: Repo
         source_path = resolve(init_from)
         source = load_checkpoint(source_path)
         refuse_model_changes(source["config"]["model"], config.model, str(init_from))
-    vocab = Vocab(source["vocab"]) if source else None
+    vocab = checkpoint_vocab(source) if source else None
     setup = build_training(config, open_corpus(config.data, vocab), source["model"] if source else None, job)
     if job.is_main:
         run.create()
