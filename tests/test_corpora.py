@@ -147,14 +147,14 @@ def zipped(member: str, body: bytes) -> bytes:
 @pytest.fixture
 def small_dataset(monkeypatch):
     """small_dataset(name) -> (text, zip, start(body)): the dataset as a 3,000-character stand-in with a
-    2,400/300/300 split, its checksum (of the dataset's own algorithm) that of the zip, served on 127.0.0.1."""
+    2,400/300/300 split, its sha256 that of the zip, served on 127.0.0.1."""
     servers = []
 
     def make(name: str):
         text = ("the quick brown fox jumps over the lazy dog " * 70)[:3000].encode()
         archive, dataset = zipped(name, text), datasets.DATASETS[name]
         monkeypatch.setitem(datasets.DATASETS, name, replace(
-            dataset, checksum=hashlib.new(dataset.algorithm, archive).hexdigest(), train=2400, valid=300))
+            dataset, sha256=hashlib.sha256(archive).hexdigest(), train=2400, valid=300))
 
         def start(body: bytes) -> Served:
             servers.append(Served(body))
@@ -187,7 +187,7 @@ def test_a_dataset_with_a_wrong_checksum_is_refused_and_nothing_is_kept(cli, sma
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "keep.txt").write_text("untouched")
     before = snapshot(tmp_path / "cache")
-    one_line_error(*cli("train", "--data", "text8", *TINY)[::2], "sha1", "nothing was saved")
+    one_line_error(*cli("train", "--data", "text8", *TINY)[::2], "sha256", "nothing was saved")
     assert snapshot(tmp_path / "cache") == before
 
 
