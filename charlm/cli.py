@@ -279,6 +279,28 @@ def plot(
 
 
 @app.command()
+def serve(
+    checkpoint: Optional[str] = typer.Argument(None, help="run directory (uses best.pt), checkpoint file, or 'pretrained'", show_default="the bundled pretrained model"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface, reachable from other machines)"),
+    port: int = typer.Option(8000, "--port", help="port to listen on; 0 picks a free one"),
+    max_slots: int = typer.Option(64, "--max-slots", help="requests generated at once, in one batch"),
+    max_waiting: int = typer.Option(64, "--max-waiting", help="requests that may wait for a slot; more get 503"),
+    queue_timeout: float = typer.Option(30.0, "--queue-timeout", help="seconds a request may wait for a slot before a 503"),
+    max_length: int = typer.Option(5000, "--max-length", help="characters one request may ask for"),
+    max_body_bytes: int = typer.Option(65536, "--max-body-bytes", help="largest request body"),
+    time_limit: float = typer.Option(120.0, "--time-limit", help="seconds a request may take, waiting included; then it ends with the text so far"),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
+) -> None:
+    """Serve a model over HTTP: a playground page, JSON and streaming APIs, and the OpenAI completions API (needs: pip install "charlm[serve]")."""
+    from .serve.server import Limits, serve as serve_model
+
+    limits = Limits(max_length=max_length, max_body_bytes=max_body_bytes, time_limit=time_limit, queue_timeout=queue_timeout)
+    stopped_by = serve_model(checkpoint, host, port, limits, max_slots, max_waiting, device,
+                             on_ready=lambda address: print(f"charlm serve: {address} (Ctrl-C to stop)", flush=True))
+    print(f"charlm serve: stopped ({stopped_by})", flush=True)
+
+
+@app.command()
 @with_config_options(keys=BENCH_KEYS, short={key: "--" + key.split(".")[1].replace("_", "-") for key in BENCH_KEYS},
                      defaults=bench_config())
 def bench(
