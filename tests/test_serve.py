@@ -8,11 +8,13 @@ import time
 from contextlib import contextmanager
 
 import pytest
+import torch
 
 from charlm import sampling
 from charlm.model.checkpoint import load_model
 from charlm.runinfo import checkpoint_info
-from charlm.sampling import SampleSettings, TorchSampler, generate
+from charlm.model.inference import Stepper, inference_weights
+from charlm.sampling import SampleSettings, TorchSampler, generate, primed
 from tests.conftest import charlm_process, one_line_error, wait_for
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need the test extra (httpx)")
@@ -20,7 +22,7 @@ pytest.importorskip("fastapi", reason="the serve tests need the serve extra")
 uvicorn = pytest.importorskip("uvicorn", reason="the serve tests need the serve extra")
 
 from charlm.serve.app import create_app  # noqa: E402
-from charlm.serve.engine import ROW_BLOCK, Engine  # noqa: E402
+from charlm.serve.engine import ROW_BLOCK, Engine, batch_rows, layer_parts, resized  # noqa: E402
 from charlm.serve.server import Limits  # noqa: E402
 
 TIMEOUT = 60
@@ -82,6 +84,32 @@ def test_a_request_gives_the_same_text_alone_amid_others_and_from_the_library(pr
                 assert busiest > ROW_BLOCK or crowd < ROW_BLOCK
     finally:
         engine.stop()
+
+
+def test_each_row_of_a_padded_batch_computes_the_same_bits_whatever_the_batch_size(pretrained):
+    """What the engine's padding is for: a product's rows round differently with their number (the BLAS
+    picks its kernel and thread split by size), so a batch of N slots is computed with batch_rows(N)
+    rows; then every slot's logits are bit for bit the same at any N."""
+    model, weights = pretrained.model, inference_weights(pretrained.model)
+    starts = [primed(model, pretrained.vocab.encode(f"ROMEO{'o' * i}:").tolist(), 1) for i in range(40)]
+
+    def logits(count: int) -> list:
+        """Six greedy steps of the first ``count`` states as one batch, zero-padded as the engine pads it."""
+        rows = batch_rows(count)
+        hidden = tuple(torch.cat([part, part.new_zeros(part.shape[0], rows - count, part.shape[2])], 1)
+                       for part in (torch.cat(parts, 1) for parts in zip(*(layer_parts(h) for h, _ in starts[:count]))))
+        stepper = Stepper(weights, hidden if len(hidden) == 2 else hidden[0])
+        tokens = resized(torch.cat([token for _, token in starts[:count]])[:, None], rows)[:, 0]
+        out = []
+        for _ in range(6):
+            step = stepper(tokens)
+            out.append(step[:count])
+            tokens = step.argmax(-1)
+        return out
+
+    widest = logits(40)
+    for count in (1, 2, 3, 5, 7, 9, 11, 13, 17, 33):
+        assert all(torch.equal(row, wide[:count]) for row, wide in zip(logits(count), widest)), f"{count} slots round differently"
 
 
 @contextmanager

@@ -109,6 +109,11 @@ class Slot:
             self.ids, self.uniforms = [], self.uniforms[len(self.ids):]
 
 
+def batch_rows(count: int) -> int:
+    """The rows a batch of ``count`` slots is computed with: the next multiple of ``ROW_BLOCK`` (at least one block)."""
+    return max(1, -(-count // ROW_BLOCK)) * ROW_BLOCK
+
+
 def layer_parts(layer: LayerState) -> tuple[torch.Tensor, ...]:
     """One layer's state tensors: (h, c) for an LSTM, (h,) otherwise."""
     return layer if isinstance(layer, tuple) else (layer,)
@@ -246,7 +251,7 @@ class Engine:
 
     def fit(self, count: int) -> None:
         """Size the batch for ``count`` slots: the next multiple of ``ROW_BLOCK`` rows."""
-        width = max(1, -(-count // ROW_BLOCK)) * ROW_BLOCK
+        width = batch_rows(count)
         if width == len(self.tokens):
             return
         if self.stepper is None:
