@@ -1,6 +1,8 @@
 """charlm serve: the batching engine, the HTTP API and its limits, the OpenAI client, the command."""
 
 import json
+import os
+import shutil
 import signal
 import socket
 import threading
@@ -289,3 +291,48 @@ def test_serve_refuses_bad_options_and_a_missing_extra_in_one_line(cli, monkeypa
     one_line_error(*cli("serve", "missing-run")[::2], "missing-run not found")
     monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)
     one_line_error(*cli("serve")[::2], 'pip install "charlm[serve]"')
+
+
+@pytest.fixture
+def chromium(monkeypatch):
+    """Headless Chromium driven by Selenium through Debian's chromium-driver; skipped where either is missing."""
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("the playground test needs Chromium and its driver (Debian: apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the playground test needs selenium (the test extra)")
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers on the network
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1000,1250"):
+        options.add_argument(argument)
+    session = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    session.set_page_load_timeout(TIMEOUT)
+    try:
+        yield session
+    finally:
+        session.quit()
+
+
+def test_the_playground_streams_text_into_the_page(pretrained, chromium):
+    """Type a prime, press Generate: the text appears and grows as it is made, and equals the API's for
+    the same settings. CHARLM_PLAYGROUND_SCREENSHOT=FILE saves what the page shows at the end."""
+    from selenium.webdriver.common.by import By
+
+    with serving(pretrained) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+        chromium.get(url)
+        page = chromium.page_source
+        assert "<script src" not in page and "<link" not in page and "@import" not in page  # nothing from elsewhere
+        for field, value in (("prime", "JULIET:"), ("length", "600"), ("seed", "7")):
+            chromium.find_element(By.ID, field).clear()
+            chromium.find_element(By.ID, field).send_keys(value)
+        chromium.find_element(By.ID, "generate").click()
+        generated = lambda: chromium.find_element(By.ID, "generated").text if chromium.find_elements(By.ID, "generated") else ""  # noqa: E731
+        assert wait_for(lambda: len(generated()) > 0, TIMEOUT), "no text appeared"
+        first = len(generated())
+        assert wait_for(lambda: "chars/s" in chromium.find_element(By.ID, "status").text, TIMEOUT)
+        assert first < 600 and len(generated()) > first  # it streamed in, piece by piece
+        expected = client.post("/v1/generate", json={"prime": "JULIET:", "length": 600, "seed": 7, "temperature": 0.8}).json()["text"]
+        shown = chromium.execute_script("return document.getElementById('generated').textContent")
+        assert shown == expected and chromium.find_element(By.ID, "model").text.startswith("pretrained: 2×512 LSTM")
+        if os.environ.get("CHARLM_PLAYGROUND_SCREENSHOT"):
+            chromium.save_screenshot(os.environ["CHARLM_PLAYGROUND_SCREENSHOT"])
