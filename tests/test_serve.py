@@ -336,3 +336,13 @@ def test_the_playground_streams_text_into_the_page(pretrained, chromium):
         assert shown == expected and chromium.find_element(By.ID, "model").text.startswith("pretrained: 2×512 LSTM")
         if os.environ.get("CHARLM_PLAYGROUND_SCREENSHOT"):
             chromium.save_screenshot(os.environ["CHARLM_PLAYGROUND_SCREENSHOT"])
+
+
+def test_bench_serve_drives_clients_and_reports_the_figures(cli):
+    code, out, err = cli("bench", "serve", "--clients", 3, "--seconds", 1.5, "--length", 40, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["clients"] == 3 and report["errors"] == 0 and report["requests"] >= 3, report
+    assert report["chars_per_s"] > 0 and 0 < report["first_char_p50_ms"] <= report["first_char_p99_ms"]
+    assert report["server_memory"]["rss_mb"] > 50 and report["one_stream_library_chars_per_s"] > 0
+    one_line_error(*cli("bench", "serve", "--clients", 0)[::2], "--clients must be 1 to 256")
