@@ -161,8 +161,9 @@ def test_the_api_describes_the_model_and_generates_as_json_and_as_events(pretrai
         with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as streamed:
             assert streamed.headers["content-type"].startswith("text/event-stream")
             sent = events(streamed)
-        texts = [data["text"] for name, data in sent[:-1]]
-        assert len(texts) == -(-ASKED.length // sampling.CHUNK) and "".join(texts) == expected
+        texts = [data["text"] for name, data in sent[:-1]]  # the first character at once, then chunks
+        assert [len(text) for text in texts[:3]] == [1, sampling.CHUNK - 1, sampling.CHUNK] and "".join(texts) == expected
+        assert len(texts) == 1 + -(-ASKED.length // sampling.CHUNK)
         assert sent[-1][0] == "done" and sent[-1][1]["done"] and sent[-1][1]["length"] == ASKED.length
         unseeded = client.post("/v1/generate", json={"length": 50}).json()  # a random seed, reported so it can be replayed
         assert client.post("/v1/generate", json={"length": 50, "seed": unseeded["seed"]}).json()["text"] == unseeded["text"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, AsyncIterator, ClassVar
@@ -118,17 +119,39 @@ def field_error(err: ValidationError) -> ApiError:
     return ApiError(422, f"{param}: {first['msg']}{value}", param)
 
 
+class Mailbox:
+    """Items from the engine's thread to asyncio queues: everything that arrives together (a step's
+    pieces for every request) costs the event loop one wake-up, not one each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.items, self.scheduled = loop, threading.Lock(), [], False
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self.deliver)
+        except RuntimeError:  # the loop has closed: the server is gone, nobody is listening
+            pass
+
+    def deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Run:
     """One request's engine job, seen from the event loop: its pieces, then its ending, in an asyncio queue."""
 
-    def __init__(self, engine: Engine, prime: str, settings: SampleSettings, limits: Limits):
-        loop, self.items = asyncio.get_running_loop(), asyncio.Queue()
+    def __init__(self, engine: Engine, mailbox: Mailbox, prime: str, settings: SampleSettings, limits: Limits):
+        self.items: asyncio.Queue = asyncio.Queue()
 
         def put(item: str | Ending) -> None:  # from the engine's thread
-            try:
-                loop.call_soon_threadsafe(self.items.put_nowait, item)
-            except RuntimeError:  # the loop has closed: the server is gone, nobody is listening
-                pass
+            mailbox.put(self.items, item)
 
         try:
             self.job = engine.submit(prime, settings, put, put, limits.time_limit, limits.queue_timeout)
@@ -185,6 +208,7 @@ def create_app(engine: Engine, info: dict[str, Any], limits: Limits = Limits(), 
     app = FastAPI(title="charlm", version=__version__, description="Character-level text generation, many requests in one batch.")
     app.add_exception_handler(ApiError, lambda request, err: err.response())
     page = resources.files(__package__).joinpath("page/index.html").read_text(encoding="utf-8")
+    mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}  # one per event loop: the server's
 
     async def generate(request: Request, kind: type[GenerateRequest] | type[CompletionRequest]):
         try:
@@ -195,7 +219,8 @@ def create_app(engine: Engine, info: dict[str, Any], limits: Limits = Limits(), 
         if settings.length > limits.max_length:
             raise ApiError(422, f"{asked.length_field}: at most {limits.max_length:,} characters a request on this server "
                                 f"(--max-length), got {settings.length:,}", asked.length_field)
-        run = Run(engine, prime, settings, limits)
+        loop = asyncio.get_running_loop()
+        run = Run(engine, mailboxes.setdefault(loop, Mailbox(loop)), prime, settings, limits)
         await run.started()
         reply = asked.reply(run.job.settings.seed, model_name)
         if not asked.stream:

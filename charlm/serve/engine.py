@@ -5,7 +5,7 @@ prime) and leaves it at a character boundary: when its length is reached, when i
 client went away) or when its time is up. Each step is one ``Stepper`` call over all active rows and
 one ``choose_rows`` with each row's own temperature, top-k and top-p. Each request draws its uniforms
 ``CHUNK`` at a time from its own seeded CPU generator, exactly as ``sampling.pieces`` does for one
-stream, and its text is handed over a chunk at a time.
+stream, and its text is handed over as it is made: the first character at once, then a chunk at a time.
 
 A request's text must not depend on what else is served. A matrix product's rows can round
 differently with the number of rows (the BLAS picks other kernels, and splits a small product
@@ -96,9 +96,10 @@ class Slot:
         return self.uniforms[len(self.ids)]
 
     def take(self, token: int, vocab: Vocab) -> bool:
-        """Add the picked id; hand over a completed chunk; True once the length is reached."""
+        """Add the picked id; hand over the first character at once, then each completed chunk; True once
+        the length is reached."""
         self.ids.append(token)
-        if len(self.ids) == len(self.uniforms):
+        if len(self.ids) == len(self.uniforms) or self.made == 0:
             self.flush(vocab)
         return self.made == self.job.settings.length
 
