@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .. import __version__
 from ..errors import CharlmError
 from ..sampling import SampleSettings
-from .engine import Engine, EngineBusy, Ending
+from .engine import Engine, EngineBusy, Ending, Job
 from .server import Limits
 
 RETRY_AFTER_SECONDS = 1
@@ -147,19 +147,25 @@ class Mailbox:
 class Run:
     """One request's engine job, seen from the event loop: its pieces, then its ending, in an asyncio queue."""
 
-    def __init__(self, engine: Engine, mailbox: Mailbox, prime: str, settings: SampleSettings, limits: Limits):
-        self.items: asyncio.Queue = asyncio.Queue()
+    def __init__(self, items: asyncio.Queue, job: Job):
+        self.items, self.job = items, job
+        self.first: str | Ending | None = None
+
+    @classmethod
+    async def submitted(cls, engine: Engine, mailbox: Mailbox, prime: str, settings: SampleSettings, limits: Limits) -> Run:
+        """The job queued; its prime runs in a worker thread, so the event loop and the batch go on meanwhile."""
+        items: asyncio.Queue = asyncio.Queue()
 
         def put(item: str | Ending) -> None:  # from the engine's thread
-            mailbox.put(self.items, item)
+            mailbox.put(items, item)
 
         try:
-            self.job = engine.submit(prime, settings, put, put, limits.time_limit, limits.queue_timeout)
+            job = await asyncio.to_thread(engine.submit, prime, settings, put, put, limits.time_limit, limits.queue_timeout)
         except EngineBusy as err:
             raise busy(str(err)) from None
         except CharlmError as err:
             raise ApiError(422, str(err), "prime") from None
-        self.first: str | Ending | None = None
+        return cls(items, job)
 
     async def started(self) -> None:
         """Wait for the first piece, so a request refused after waiting in the queue is a 503 before any header."""
@@ -220,7 +226,7 @@ def create_app(engine: Engine, info: dict[str, Any], limits: Limits = Limits(), 
             raise ApiError(422, f"{asked.length_field}: at most {limits.max_length:,} characters a request on this server "
                                 f"(--max-length), got {settings.length:,}", asked.length_field)
         loop = asyncio.get_running_loop()
-        run = Run(engine, mailboxes.setdefault(loop, Mailbox(loop)), prime, settings, limits)
+        run = await Run.submitted(engine, mailboxes.setdefault(loop, Mailbox(loop)), prime, settings, limits)
         await run.started()
         reply = asked.reply(run.job.settings.seed, model_name)
         if not asked.stream:

@@ -1,7 +1,7 @@
 """Continuous batching: one worker thread owns the model and steps every active request together.
 
-A request joins the batch once its prime has run through the model (as ``sampling.primed`` runs a
-prime) and leaves it at a character boundary: when its length is reached, when it is cancelled (its
+A request joins the batch once its prime has run through the model (``sampling.primed``, in the
+caller's thread, so a new request never stalls the batch) and leaves it at a character boundary: when its length is reached, when it is cancelled (its
 client went away) or when its time is up. Each step is one ``Stepper`` call over all active rows and
 one ``choose_rows`` with each row's own temperature, top-k and top-p. Each request draws its uniforms
 ``CHUNK`` at a time from its own seeded CPU generator, exactly as ``sampling.pieces`` does for one
@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..data.vocab import Vocab
-from ..model.charrnn import CharRNN, map_hidden
+from ..model.charrnn import CharRNN, Hidden, map_hidden
 from ..model.inference import LayerState, Stepper, inference_weights, per_layer
 from ..sampling import CHUNK, RowSettings, SampleSettings, choose_rows, primed, prime_ids
 
@@ -62,7 +62,7 @@ class Job:
 
     ``on_text`` and ``on_end`` are called from the engine's thread; ``on_end`` exactly once."""
 
-    ids: list[int]
+    start: tuple[Hidden, torch.Tensor]  # the state after the prime, and its last character (``sampling.primed``)
     settings: SampleSettings
     on_text: Callable[[str], None]
     on_end: Callable[[Ending], None]
@@ -153,20 +153,27 @@ class Engine:
 
     def submit(self, prime: str, settings: SampleSettings, on_text: Callable[[str], None],
                on_end: Callable[[Ending], None], time_limit: float = 600.0, queue_timeout: float = 30.0) -> Job:
-        """Queue one request. A missing seed is drawn here, so ``job.settings.seed`` reproduces the text."""
+        """Run the prime (in this thread) and queue the request. A missing seed is drawn here, so
+        ``job.settings.seed`` reproduces the text."""
         settings.validate()
         ids = prime_ids(self.vocab, prime)
         seed = settings.seed if settings.seed is not None else secrets.randbits(63)
+        self.check_room()  # before the prime's work, and again after it
+        with torch.no_grad():
+            start = primed(self.model, ids, 1)
         now = time.monotonic()
-        job = Job(ids, replace(settings, seed=seed, num_samples=1), on_text, on_end, now + time_limit, now + queue_timeout)
+        job = Job(start, replace(settings, seed=seed, num_samples=1), on_text, on_end, now + time_limit, now + queue_timeout)
         with self.condition:
-            if self.stopping:
-                raise EngineBusy("the engine is stopping")
-            if len(self.waiting) >= self.max_waiting + self.max_slots - len(self.slots):
-                raise EngineBusy(f"all {self.max_slots} slots are taken and {len(self.waiting)} requests wait")
+            self.check_room()
             self.waiting.append(job)
             self.condition.notify()
         return job
+
+    def check_room(self) -> None:
+        if self.stopping:
+            raise EngineBusy("the engine is stopping")
+        if len(self.waiting) >= self.max_waiting + self.max_slots - len(self.slots):
+            raise EngineBusy(f"all {self.max_slots} slots are taken and {len(self.waiting)} requests wait")
 
     def stream(self, prime: str = "", settings: SampleSettings | None = None, time_limit: float = 600.0) -> Iterator[str]:
         """The continuation of ``prime`` as it is made, served in the batch like any other request."""
@@ -231,16 +238,11 @@ class Engine:
             return arrivals
 
     def admit(self, job: Job) -> None:
-        """Run the prime and put its state in a new row of the batch."""
+        """Put the job's primed state in a new row of the batch."""
         if job.settings.length == 0:
             job.on_end(Ending("length", 0, 0.0))
             return
-        try:
-            hidden, token = primed(self.model, job.ids, 1)
-        except RuntimeError:  # e.g. out of memory for a huge prime: this request fails, not the engine
-            logging.getLogger(__name__).exception("a prime of %d characters failed", len(job.ids))
-            job.on_end(Ending("error", 0, 0.0))
-            return
+        hidden, token = job.start
         row = len(self.slots)
         self.fit(row + 1)
         for layer, fresh in zip(self.stepper.state, per_layer(hidden, len(self.weights.layers))):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import signal
 import socket
 from pathlib import Path
@@ -33,11 +34,11 @@ class Limits:
 
 
 def require_serve_extra() -> None:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise CharlmError('charlm serve needs the serve extra; install it with: pip install "charlm[serve]"') from None
+    for package in ("fastapi", "uvicorn"):
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise CharlmError(f'charlm serve needs {package}: install the serve extra with: pip install "charlm[serve]"') from None
 
 
 def bound_socket(host: str, port: int) -> socket.socket:
