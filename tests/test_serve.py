@@ -304,7 +304,7 @@ def chromium(monkeypatch):
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers on the network
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1000,1250"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1000,1070"):
         options.add_argument(argument)
     session = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
     session.set_page_load_timeout(TIMEOUT)
