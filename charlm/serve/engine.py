@@ -133,9 +133,12 @@ class Engine:
 
     ``submit`` queues a request (refusing bad input with ``CharlmError`` and a full queue with
     ``EngineBusy``); ``stream`` is the same for Python callers, as an iterator of text pieces.
+    The batch runs in a thread of its own, or with ``in_thread=False`` wherever ``run`` is called:
+    ``charlm serve`` runs it on the main thread, where PyTorch's CPU products run up to twice as
+    fast as on another thread (measured on the 2-core test machine, docs/BENCHMARKS.md).
     """
 
-    def __init__(self, model: CharRNN, vocab: Vocab, max_slots: int = 64, max_waiting: int = 64):
+    def __init__(self, model: CharRNN, vocab: Vocab, max_slots: int = 64, max_waiting: int = 64, in_thread: bool = True):
         self.model, self.vocab = model.eval(), vocab
         self.max_slots, self.max_waiting = max_slots, max_waiting
         self.weights = inference_weights(model)
@@ -147,8 +150,9 @@ class Engine:
         self.tokens = torch.zeros(0, dtype=torch.long, device=self.device)
         self.rows: RowSettings | None = None  # rebuilt when a slot joins or leaves
         self.stopping = False
-        self.thread = threading.Thread(target=self.work, name="charlm-engine", daemon=True)
-        self.thread.start()
+        self.thread = threading.Thread(target=self.run, name="charlm-engine", daemon=True) if in_thread else None
+        if self.thread is not None:
+            self.thread.start()
 
     # --- the callers' side (any thread) ---
 
@@ -194,15 +198,17 @@ class Engine:
                 "max_waiting": self.max_waiting}
 
     def stop(self) -> None:
-        """End every request (reason 'stopped') and the worker thread."""
+        """End every request (reason 'stopped') and ``run``; safe from a signal handler."""
         with self.condition:
             self.stopping = True
             self.condition.notify()
-        self.thread.join()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
 
-    # --- the worker thread ---
+    # --- the batch's thread ---
 
-    def work(self) -> None:
+    def run(self) -> None:
+        """Step the batch until ``stop``."""
         with torch.no_grad():  # grad mode is per thread
             while (arrivals := self.next_arrivals()) is not None:
                 for job in arrivals:

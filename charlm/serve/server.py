@@ -1,10 +1,12 @@
-"""``charlm serve``: load a model, bind the address, run uvicorn until Ctrl-C or SIGTERM."""
+"""``charlm serve``: load a model, bind the address, run uvicorn (on a thread) and the batch (on the main
+thread) until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
 import importlib
 import signal
 import socket
+import threading
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
@@ -87,21 +89,34 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
     limits.validate()
     loaded = load_model(checkpoint, resolve_device(device) if isinstance(device, str) else device)
     sock = bound_socket(host, port)
-    engine = Engine(loaded.model, loaded.vocab, max_slots, max_waiting)
+    engine = Engine(loaded.model, loaded.vocab, max_slots, max_waiting, in_thread=False)
     app = create_app(engine, checkpoint_info(loaded.checkpoint["path"]), limits, model_name(checkpoint))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
     stopped_by: list[str] = []
-    # uvicorn catches SIGINT/SIGTERM while it serves and raises them again once it has stopped: these
-    # handlers then receive them, so a stop asked for is a clean return, not a KeyboardInterrupt.
-    previous = {sig: signal.signal(sig, lambda number, frame: stopped_by.append(signal.Signals(number).name))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def http() -> None:  # uvicorn on a thread of its own; the batch steps on this one
+        try:
+            server.run(sockets=[sock])
+        finally:
+            engine.stop()
+
+    def stop(number: int, frame) -> None:
+        stopped_by.append(signal.Signals(number).name)
+        server.should_exit = True
+        engine.stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="charlm-http", daemon=True)
     try:
+        thread.start()
         if on_ready is not None:
             on_ready(address_of(sock))
-        server.run(sockets=[sock])
+        engine.run()  # until a signal, or uvicorn ends
     finally:
+        server.should_exit = True
+        engine.stop()
+        thread.join(GRACEFUL_SHUTDOWN_SECONDS + 5)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        engine.stop()
         sock.close()
     return stopped_by[0] if stopped_by else "stopped"
