@@ -188,6 +188,8 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, param)
     ("/v1/generate", {"length": 2001}, 422, "length"),
     ("/v1/generate", {"prime": "naïve ☃"}, 422, "prime"),
     ("/v1/generate", {"prime": "x" * 3000}, 413, "body"),
+    ("/v1/generate", b'{"prime": "ROMEO\\ud800"}', 422, "prime"),
+    ("/v1/completions", {"prompt": "caf\u00e9"}, 422, "prompt"),
     ("/v1/completions", {"prompt": "ROMEO:", "max_tokens": 2001}, 422, "max_tokens"),
     ("/v1/completions", {"prompt": "ROMEO:", "n": 2}, 422, "n"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 422, "prompt"),

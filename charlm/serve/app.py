@@ -59,6 +59,7 @@ class GenerateRequest(BaseModel):
     stream: bool = Field(False, description="reply as server-sent events, a piece of text at a time")
 
     length_field: ClassVar[str] = "length"
+    prime_field: ClassVar[str] = "prime"
 
     def generation(self) -> tuple[str, SampleSettings]:
         return self.prime, SampleSettings(length=self.length, temperature=self.temperature, top_k=self.top_k,
@@ -152,7 +153,8 @@ class Run:
         self.first: str | Ending | None = None
 
     @classmethod
-    async def submitted(cls, engine: Engine, mailbox: Mailbox, prime: str, settings: SampleSettings, limits: Limits) -> Run:
+    async def submitted(cls, engine: Engine, mailbox: Mailbox, prime: str, settings: SampleSettings, limits: Limits,
+                        prime_field: str) -> Run:
         """The job queued; its prime runs in a worker thread, so the event loop and the batch go on meanwhile."""
         items: asyncio.Queue = asyncio.Queue()
 
@@ -163,8 +165,8 @@ class Run:
             job = await asyncio.to_thread(engine.submit, prime, settings, put, put, limits.time_limit, limits.queue_timeout)
         except EngineBusy as err:
             raise busy(str(err)) from None
-        except CharlmError as err:
-            raise ApiError(422, str(err), "prime") from None
+        except CharlmError as err:  # the prime's unknown characters: the only input the engine still checks
+            raise ApiError(422, f"{prime_field}: {err}", prime_field) from None
         return cls(items, job)
 
     async def started(self) -> None:
@@ -222,11 +224,14 @@ def create_app(engine: Engine, info: dict[str, Any], limits: Limits = Limits(), 
         except ValidationError as err:
             raise field_error(err) from None
         prime, settings = asked.generation()
+        if not prime.isascii() and any(0xD800 <= ord(char) <= 0xDFFF for char in prime):
+            raise ApiError(422, f"{asked.prime_field}: holds a lone surrogate (\\ud800-\\udfff), which is not a character",
+                           asked.prime_field)
         if settings.length > limits.max_length:
             raise ApiError(422, f"{asked.length_field}: at most {limits.max_length:,} characters a request on this server "
                                 f"(--max-length), got {settings.length:,}", asked.length_field)
         loop = asyncio.get_running_loop()
-        run = await Run.submitted(engine, mailboxes.setdefault(loop, Mailbox(loop)), prime, settings, limits)
+        run = await Run.submitted(engine, mailboxes.setdefault(loop, Mailbox(loop)), prime, settings, limits, asked.prime_field)
         await run.started()
         reply = asked.reply(run.job.settings.seed, model_name)
         if not asked.stream:

@@ -34,6 +34,7 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
     length_field: ClassVar[str] = "max_tokens"
+    prime_field: ClassVar[str] = "prompt"
 
     def generation(self) -> tuple[str, SampleSettings]:
         return self.prompt, SampleSettings(length=self.max_tokens, temperature=self.temperature, top_p=self.top_p,

@@ -36,8 +36,6 @@ from ..sampling import CHUNK, RowSettings, SampleSettings, choose_rows, primed, 
 
 ROW_BLOCK = 4  # the batch's row count is a multiple of this
 PADDING = SampleSettings()  # the settings of the ignored padding rows
-# Why a request ended: its length reached, its time limit, its client gone, no slot in time, the engine stopped.
-ENDINGS = ("length", "time", "cancelled", "busy", "stopped", "error")
 
 
 class EngineBusy(Exception):
@@ -46,7 +44,9 @@ class EngineBusy(Exception):
 
 @dataclass(frozen=True)
 class Ending:
-    """How a request ended: ``reason`` (one of ``ENDINGS``), the characters made, the seconds it was stepped."""
+    """How a request ended, the characters made and the seconds it was stepped. ``reason``: "length" (all
+    made), "time" (its time limit), "cancelled" (its client went away), "busy" (no slot in time),
+    "stopped" (the engine stopped) or "error"."""
 
     reason: str
     length: int
