@@ -300,9 +300,37 @@ def plot(
 
 
 @app.command()
+def serve(
+    checkpoint: Optional[str] = typer.Argument(None, help="run directory (uses best.pt), checkpoint file, or 'pretrained'", show_default="the bundled pretrained model"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface, reachable from other machines)"),
+    port: int = typer.Option(8000, "--port", help="port to listen on; 0 picks a free one"),
+    max_slots: int = typer.Option(64, "--max-slots", help="requests generated at once, in one batch"),
+    max_waiting: int = typer.Option(64, "--max-waiting", help="requests that may wait for a slot; more get 503"),
+    queue_timeout: float = typer.Option(30.0, "--queue-timeout", help="seconds a request may wait for a slot before a 503"),
+    max_length: int = typer.Option(5000, "--max-length", help="characters one request may ask for"),
+    max_body_bytes: int = typer.Option(65536, "--max-body-bytes", help="largest request body"),
+    time_limit: float = typer.Option(120.0, "--time-limit", help="seconds a request may take, waiting included; then it ends with the text so far"),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
+) -> None:
+    """Serve a model over HTTP: a playground page, JSON and streaming APIs, and the OpenAI completions API (needs: pip install "charlm[serve]")."""
+    from .serve.server import Limits, serve as serve_model
+
+    limits = Limits(max_length=max_length, max_body_bytes=max_body_bytes, time_limit=time_limit, queue_timeout=queue_timeout)
+    stopped_by = serve_model(checkpoint, host, port, limits, max_slots, max_waiting, device,
+                             on_ready=lambda address: print(f"charlm serve: {address} (Ctrl-C to stop)", flush=True))
+    print(f"charlm serve: stopped ({stopped_by})", flush=True)
+
+
+bench_app = typer.Typer(help="Measure this machine: matmul peak, training/eval/sampling throughput, corpus encoding; "
+                             "'charlm bench serve' load-tests charlm serve.", rich_markup_mode=None)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback(invoke_without_command=True)
 @with_config_options(keys=BENCH_KEYS, short={key: "--" + key.split(".")[1].replace("_", "-") for key in BENCH_KEYS},
                      defaults=bench_config())
 def bench(
+    ctx: typer.Context,
     corpus_mb: int = typer.Option(100, "--corpus-mb", help="size of the generated corpus for the encoding test (unless --path names a real one)"),
     fast: bool = typer.Option(False, "--fast", help="tiny sizes and short timings: checks that everything runs"),
     profile: bool = typer.Option(False, "--profile", help="also show where a training step's time goes (PyTorch profiler)"),
@@ -311,6 +339,8 @@ def bench(
     **overrides: Any,
 ) -> None:
     """Measure matmul peak, training/eval/sampling throughput, corpus encoding speed and peak memory."""
+    if ctx.invoked_subcommand is not None:
+        return
     from .bench import BenchSettings, run_bench, to_json
 
     if corpus_mb < 1:
@@ -324,6 +354,30 @@ def bench(
     results = run_bench(settings, on_result=lambda name, value: console.print(bench_line(name, value)))
     console.print(f"peak memory: {results['peak_memory_mb']:,.0f} MB ({results['device']}, {results['precision']}, "
                   f"{results['threads']} threads, torch {results['torch']})")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    checkpoint: Optional[str] = typer.Argument(None, help="run directory (uses best.pt), checkpoint file, or 'pretrained'", show_default="the bundled pretrained model"),
+    clients: int = typer.Option(16, "--clients", help="concurrent streaming clients"),
+    seconds: float = typer.Option(20.0, "--seconds", help="how long they ask"),
+    length: int = typer.Option(500, "--length", help="characters per request"),
+    as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+) -> None:
+    """Load-test charlm serve on 127.0.0.1: aggregate chars/s, time to first character, errors, server memory."""
+    from .serve.loadtest import load_test
+
+    report = load_test(clients, seconds, length, checkpoint)
+    if as_json:
+        print(json.dumps(report))
+        return
+    memory = report["server_memory"]
+    print(f"{report['clients']} clients, {report['seconds']:.1f} s, {report['length']} characters a request: "
+          f"{report['chars_per_s']:,.0f} chars/s in all, {report['requests']} requests done, {report['errors']} errors"
+          + (f" ({'; '.join(report['reasons'])})" if report['reasons'] else ""))
+    print(f"time to first character: p50 {report['first_char_p50_ms']:,.0f} ms, p99 {report['first_char_p99_ms']:,.0f} ms; "
+          f"server memory {memory.get('rss_mb', 0):,.0f} MB (peak {memory.get('peak_rss_mb', 0):,.0f} MB)")
+    print(f"one stream through the library (no HTTP): {report['one_stream_library_chars_per_s']:,.0f} chars/s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,28 +56,65 @@ class SampleSettings:
             raise CharlmError(f"--num-samples must be at least 1, got {self.num_samples}")
 
 
-def filter_probs(probs: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Zero out all but the top-k and/or the smallest set whose mass reaches top-p."""
-    if top_k is not None and top_k < probs.size(-1):
-        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+@dataclass(frozen=True)
+class RowSettings:
+    """Each stream's own temperature, top-k and top-p, as (B, 1) columns on the device: a batch whose
+    streams sample differently (a server's requests). What no row uses is None, so it costs nothing."""
+
+    temperature: torch.Tensor  # (B, 1); a greedy row holds 1 (its pick is the argmax either way)
+    greedy: torch.Tensor | None  # (B,) True for the rows at temperature 0; None where none is
+    all_greedy: bool
+    top_k: torch.Tensor | None  # (B, 1) k per row, the vocabulary size where a row keeps all; None where none filters
+    widest_k: int  # the largest k of any row
+    top_p: torch.Tensor | None  # (B, 1) p per row, 1 where a row keeps all; None where none filters
+
+    @classmethod
+    def of(cls, rows: list[SampleSettings], vocab_size: int, device: torch.device | str = "cpu") -> RowSettings:
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device).unsqueeze(-1)
+
+        greedy = [row.temperature == 0 for row in rows]
+        top_k = [vocab_size if row.top_k is None else min(row.top_k, vocab_size) for row in rows]
+        top_p = [1.0 if row.top_p is None else row.top_p for row in rows]
+        return cls(temperature=column([1.0 if g else row.temperature for g, row in zip(greedy, rows)], torch.float32),
+                   greedy=column(greedy, torch.bool).squeeze(-1) if any(greedy) else None, all_greedy=all(greedy),
+                   top_k=column(top_k, torch.long) if min(top_k) < vocab_size else None, widest_k=max(top_k),
+                   top_p=column(top_p, torch.float32) if min(top_p) < 1.0 else None)
+
+
+def filter_rows(probs: torch.Tensor, rows: RowSettings) -> torch.Tensor:
+    """Zero out, in each row, all but its top-k and/or the smallest set whose mass reaches its top-p."""
+    if rows.top_k is not None:
+        k = rows.top_k.expand(len(probs), 1)
+        kth = probs.topk(rows.widest_k, dim=-1).values.gather(-1, k - 1)
         probs = probs.masked_fill(probs < kth, 0.0)
-    if top_p is not None and top_p < 1.0:
+    if rows.top_p is not None:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
+        limit = torch.where(rows.top_p < 1.0, rows.top_p * sorted_probs.sum(-1, keepdim=True), torch.inf)
+        sorted_probs = sorted_probs.masked_fill(mass_before >= limit, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return probs
 
 
-def choose(logits: torch.Tensor, uniform: torch.Tensor, settings: SampleSettings) -> torch.Tensor:
-    """Pick one id per row by inverse-CDF sampling with the given uniform draws."""
-    if settings.temperature == 0:
+def filter_probs(probs: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """``filter_rows`` with one top-k and top-p for every row."""
+    return filter_rows(probs, RowSettings.of([SampleSettings(top_k=top_k, top_p=top_p)], probs.size(-1), probs.device))
+
+
+def choose_rows(logits: torch.Tensor, uniform: torch.Tensor, rows: RowSettings) -> torch.Tensor:
+    """Pick one id per row by inverse-CDF sampling with the given uniform draws, each row with its own settings."""
+    if rows.all_greedy:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
-    probs = filter_probs(probs, settings.top_k, settings.top_p)
+    probs = filter_rows(torch.softmax(logits.float() / rows.temperature, dim=-1), rows)
     cdf = probs.cumsum(-1)
-    picks = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-    return picks.clamp_(max=logits.size(-1) - 1)
+    picks = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp_(max=logits.size(-1) - 1)
+    return picks if rows.greedy is None else torch.where(rows.greedy, logits.argmax(-1), picks)
+
+
+def choose(logits: torch.Tensor, uniform: torch.Tensor, settings: SampleSettings) -> torch.Tensor:
+    """``choose_rows`` with one setting for every row."""
+    return choose_rows(logits, uniform, RowSettings.of([settings], logits.size(-1), logits.device))
 
 
 def choose_one(logits: np.ndarray, uniform: float, settings: SampleSettings) -> int:
@@ -98,13 +135,14 @@ class TorchSampler:
     synchronised per character."""
 
     def __init__(self, weights: InferenceWeights, hidden: Hidden, tokens: torch.Tensor, settings: SampleSettings):
-        self.step, self.tokens, self.settings = Stepper(weights, hidden), tokens, settings
+        self.step, self.tokens = Stepper(weights, hidden), tokens
+        self.rows = RowSettings.of([settings], weights.head_t.shape[-1], tokens.device)
 
     def run(self, uniforms: torch.Tensor) -> list[list[int]]:
         """Advance one character per row of ``uniforms`` (n, B); the chosen ids, per stream."""
         picked = []
         for uniform in uniforms:
-            self.tokens = choose(self.step(self.tokens), uniform, self.settings)
+            self.tokens = choose_rows(self.step(self.tokens), uniform, self.rows)
             picked.append(self.tokens)
         return torch.stack(picked, 1).tolist()
 

@@ -47,6 +47,7 @@ def test_the_wheel_holds_the_configs_every_module_and_the_bundled_model(wheel):
     modules = {str(path.relative_to(REPO)) for path in (REPO / "charlm").rglob("*.py")}
     assert modules <= names, modules - names
     assert "charlm/pretrained/shakespeare.pt" in names
+    assert "charlm/serve/page/index.html" in names  # charlm serve's playground page
     assert wheel.name.startswith(f"charlm-{charlm.__version__}-")
 
 
