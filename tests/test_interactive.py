@@ -55,11 +55,30 @@ class Terminal:
                 pass
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
+                self.pid = None
                 os.close(self.fd)
                 return os.waitstatus_to_exitcode(status)
-        os.kill(self.pid, 9)
-        os.waitpid(self.pid, 0)
         pytest.fail("the session did not end")
+
+    def close(self) -> None:
+        """Kill the child if it still runs (a test failed or it hung) and free the terminal."""
+        if self.pid is not None:
+            os.kill(self.pid, 9)
+            os.waitpid(self.pid, 0)
+            os.close(self.fd)
+
+
+@pytest.fixture
+def open_terminal():
+    """open_terminal(*args): a Terminal that is killed at the end of the test, whatever happened in it."""
+    started: list[Terminal] = []
+
+    def start(*args: str) -> Terminal:
+        started.append(Terminal(*args))
+        return started[-1]
+    yield start
+    for each in started:
+        each.close()
 
 
 @pytest.fixture
@@ -72,8 +91,8 @@ def continuation(pretrained, prime: str, **settings) -> str:
     return generate(*pretrained, prime, SampleSettings(**settings))[0]
 
 
-def test_a_terminal_session_continues_primes_keeps_settings_and_ends_on_ctrl_d(pretrained):
-    terminal = Terminal("sample", "--interactive", "--length", "40", "--seed", "7")
+def test_a_terminal_session_continues_primes_keeps_settings_and_ends_on_ctrl_d(pretrained, open_terminal):
+    terminal = open_terminal("sample", "--interactive", "--length", "40", "--seed", "7")
     terminal.read_until(PROMPT)
     assert terminal.ask("ROMEO:") == continuation(pretrained, "ROMEO:", length=40, seed=7)
     assert "temperature=0.0" in terminal.ask(":temperature 0")
@@ -88,8 +107,8 @@ def test_a_terminal_session_continues_primes_keeps_settings_and_ends_on_ctrl_d(p
     assert "Traceback" not in terminal.seen
 
 
-def test_ctrl_c_stops_a_continuation_then_ends_the_session_at_the_prompt():
-    terminal = Terminal("sample", "-i", "--length", "1000000000")
+def test_ctrl_c_stops_a_continuation_then_ends_the_session_at_the_prompt(open_terminal):
+    terminal = open_terminal("sample", "-i", "--length", "1000000000")
     terminal.read_until(PROMPT)
     terminal.type("KING:\r")
     terminal.read_until("KING:\n")
