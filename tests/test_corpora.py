@@ -212,16 +212,22 @@ def test_an_encoding_error_mid_cache_does_not_leave_a_cache(tree, tmp_path):
 
 
 def test_processes_encoding_at_once_share_one_cache(tree, tmp_path):
-    """As the ranks of a job do: each waits on the cache's lock, the first encodes, all map the same file."""
+    """As the ranks of a job do: each waits on the cache's lock, the first encodes, all map the same file.
+
+    Each process says when it encodes, and encoding takes a second, so that without the lock the
+    others would find no cache yet and encode it too."""
     import subprocess
     import sys
-    script = ("import sys; from charlm.data.corpus import load_corpus; "
-              "c = load_corpus(sys.argv[1], sys.argv[2]); print(c.sha256, len(c), c.ids.filename)")
+    script = ("import sys, time; from charlm.data import corpus; write = corpus.write_cache\n"
+              "def slow(*args): print('encoded', flush=True); time.sleep(1); write(*args)\n"
+              "corpus.write_cache = slow\n"
+              "c = corpus.load_corpus(sys.argv[1], sys.argv[2]); print(c.sha256, len(c), c.ids.filename)")
     processes = [subprocess.Popen([sys.executable, "-c", script, str(tree), str(tmp_path / "cache")],
                                   stdout=subprocess.PIPE, text=True) for _ in range(3)]
-    outputs = {process.communicate(timeout=120)[0] for process in processes}
+    outputs = [process.communicate(timeout=120)[0].splitlines() for process in processes]
     assert all(process.returncode == 0 for process in processes)
-    assert len(outputs) == 1 and len(list((tmp_path / "cache" / "encoded").glob("*.npy"))) == 1
+    assert sum(lines[0] == "encoded" for lines in outputs) == 1, outputs
+    assert len({lines[-1] for lines in outputs}) == 1 and len(list((tmp_path / "cache" / "encoded").glob("*.npy"))) == 1
 
 
 def test_unchanged_files_are_not_hashed_again_and_an_edit_is_seen(tree, tmp_path, monkeypatch):
