@@ -10,7 +10,8 @@ import tomllib
 from .config import Config
 from .errors import CharlmError
 from .model.checkpoint import load_checkpoint, resolve
-from .training.metrics import read_metrics
+from .model.export import TIED_HEAD
+from .training.metrics import METRICS_FILE, read_metrics
 from .training.rundir import BEST, CONFIG, LAST, RunDirectory
 
 PREVIEW_CHARS = 60
@@ -18,7 +19,7 @@ PREVIEW_CHARS = 60
 
 def parameter_count(state: dict[str, Any], tied: bool) -> int:
     """Parameters of a model's state dict; a tied read-out shares the embedding, so it counts once."""
-    return sum(tensor.numel() for name, tensor in state.items() if not (tied and name == "head.weight"))
+    return sum(tensor.numel() for name, tensor in state.items() if not (tied and name == TIED_HEAD))
 
 
 def printable(char: str) -> str:
@@ -60,7 +61,7 @@ def run_summary(run: Path, directory: Path) -> dict[str, Any]:
         config = Config.from_dict(tomllib.loads((run / CONFIG).read_text(encoding="utf-8")), str(run / CONFIG))
     except (OSError, tomllib.TOMLDecodeError, CharlmError):
         config = None
-    metrics = read_metrics(run) if (run / "metrics.jsonl").is_file() else None
+    metrics = read_metrics(run) if (run / METRICS_FILE).is_file() else None
     records = (metrics.train + metrics.val) if metrics else []
     last = max(records, key=lambda record: record["step"], default=None)
     if RunDirectory(run).in_use():

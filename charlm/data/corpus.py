@@ -200,7 +200,7 @@ class Corpus:
         """
         if vocab.chars == self.vocab.chars:
             return self
-        to_model = vocab.ids_of(units_of(self.vocab.chars, "char"))  # this corpus's id -> the model's id, -1 unknown
+        to_model = vocab.ids_of(code_points(self.vocab.chars))  # this corpus's id -> the model's id, -1 unknown
         missing = [char for char, index in zip(self.vocab.chars, to_model) if index < 0]
         ids = to_model[self.ids]
         if missing and not skip_unknown:

@@ -17,9 +17,6 @@ from ..errors import CharlmError
 MAX_CODE_POINT = 0x110000
 
 
-UNITS = ("char", "byte")
-
-
 class Vocab:
     """Maps characters (code points) to ids 0..size-1 and back."""
 
