@@ -173,6 +173,9 @@ def sampler(weights: InferenceWeights, hidden: Hidden, tokens: torch.Tensor,
 
 def prime_ids(vocab: Vocab, prime: str) -> list[int]:
     """The prime's ids; an empty prime starts from a line break, as a text would, without printing it."""
+    surrogates = [] if prime.isascii() else [char for char in dict.fromkeys(prime) if "\ud800" <= char <= "\udfff"]
+    if surrogates:
+        raise CharlmError(f"the prime text holds lone surrogates, which are not characters: {describe_chars(surrogates)}; remove them")
     missing = vocab.unknown(prime)
     if missing:
         raise CharlmError(f"the prime text has characters the model never saw: {describe_chars(missing)}; remove them")

@@ -189,6 +189,7 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, param)
     ("/v1/generate", {"prime": "naïve ☃"}, 422, "prime"),
     ("/v1/generate", {"prime": "x" * 3000}, 413, "body"),
     ("/v1/generate", b'{"prime": "ROMEO\\ud800"}', 422, "prime"),
+    ("/v1/generate", b"[" * 1020 + b"]" * 1020, 400, "body"),  # nested deeper than json can parse
     ("/v1/completions", {"prompt": "caf\u00e9"}, 422, "prompt"),
     ("/v1/completions", {"prompt": "ROMEO:", "max_tokens": 2001}, 422, "max_tokens"),
     ("/v1/completions", {"prompt": "ROMEO:", "n": 2}, 422, "n"),
@@ -205,7 +206,7 @@ def test_bad_requests_get_a_4xx_json_error_naming_the_field(pretrained):
             reply = client.post(path, headers={"content-type": "application/json"}, **sent)
             assert reply.status_code == status, (body, reply.text)
             error = reply.json()["error"]
-            assert error["param"] == param and param in error["message"] or param == "body", (body, error)
+            assert error["param"] == param and (param in error["message"] or param == "body"), (body, error)
         huge = client.post("/v1/generate", content=iter([b'{"prime": "', b"x" * 4000, b'"}']))  # chunked: no length given
         assert huge.status_code == 413 and "2,048 bytes" in huge.json()["error"]["message"]
         assert "never saw: 'ï', '☃'" in client.post("/v1/generate", json={"prime": "naïve ☃"}).json()["error"]["message"]

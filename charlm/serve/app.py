@@ -108,7 +108,7 @@ async def json_body(request: Request, limit: int) -> Any:
             raise too_large
     try:
         return json.loads(body)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: arrays nested thousands deep
         raise ApiError(400, f"the request body is not JSON ({err})", "body") from None
 
 
@@ -165,7 +165,7 @@ class Run:
             job = await asyncio.to_thread(engine.submit, prime, settings, put, put, limits.time_limit, limits.queue_timeout)
         except EngineBusy as err:
             raise busy(str(err)) from None
-        except CharlmError as err:  # the prime's unknown characters: the only input the engine still checks
+        except CharlmError as err:  # the prime's unknown characters or lone surrogates: the only input the engine still checks
             raise ApiError(422, f"{prime_field}: {err}", prime_field) from None
         return cls(items, job)
 
@@ -224,9 +224,6 @@ def create_app(engine: Engine, info: dict[str, Any], limits: Limits = Limits(), 
         except ValidationError as err:
             raise field_error(err) from None
         prime, settings = asked.generation()
-        if not prime.isascii() and any(0xD800 <= ord(char) <= 0xDFFF for char in prime):
-            raise ApiError(422, f"{asked.prime_field}: holds a lone surrogate (\\ud800-\\udfff), which is not a character",
-                           asked.prime_field)
         if settings.length > limits.max_length:
             raise ApiError(422, f"{asked.length_field}: at most {limits.max_length:,} characters a request on this server "
                                 f"(--max-length), got {settings.length:,}", asked.length_field)
