@@ -88,6 +88,23 @@ def test_a_request_gives_the_same_text_alone_amid_others_and_from_the_library(pr
         engine.stop()
 
 
+def test_a_byte_model_serves_whole_characters_as_the_library_gives_them(tiny_config, unicode_corpus, monkeypatch):
+    """A byte model's character can straddle two pieces (or be the first piece's single byte): served
+    text must join it as the library does, never put U+FFFD in its place."""
+    import charlm
+    charlm.train(tiny_config("bytes", **{"data.path": str(unicode_corpus), "data.unit": "byte", "train.max_steps": 150,
+                                         "train.lr": 0.01, "train.checkpoint_interval": 50}))  # enough to write whole characters
+    loaded = load_model("bytes")
+    settings = SampleSettings(length=200, temperature=0.5, seed=3)
+    engine = Engine(loaded.model, loaded.vocab)
+    try:
+        served = "".join(engine.stream("床", settings))
+    finally:
+        engine.stop()
+    assert served == library_text(loaded, "床", settings, monkeypatch)
+    assert any(ord(char) > 0x7F for char in served), "no multi-byte character was made: nothing was tested"
+
+
 def test_each_row_of_a_padded_batch_computes_the_same_bits_whatever_the_batch_size(pretrained):
     """What the engine's padding is for: a product's rows round differently with their number (the BLAS
     picks its kernel and thread split by size), so a batch of N slots is computed with batch_rows(N)

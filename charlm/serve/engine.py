@@ -78,10 +78,14 @@ class Job:
 
 @dataclass(eq=False)
 class Slot:
-    """A job in the batch: its generator, the current chunk's draws and the ids picked with them."""
+    """A job in the batch: its generator, the current chunk's draws and the ids picked with them.
+
+    ``decode`` is the vocabulary's stream decoder, so a byte model's character split between two
+    pieces comes out whole, as ``sampling.pieces`` gives it."""
 
     job: Job
     started: float
+    decode: Callable[[list[int], bool], str]
     generator: torch.Generator = field(init=False)
     uniforms: list[float] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
@@ -91,24 +95,25 @@ class Slot:
         self.generator = torch.Generator().manual_seed(self.job.settings.seed)
 
     def next_uniform(self) -> float:
-        if len(self.ids) == len(self.uniforms):  # the chunk is used up: the next one, as sampling.pieces draws it
+        if not self.uniforms:  # the chunk is used up (``take`` handed it over): the next one, as sampling.pieces draws it
             self.uniforms = torch.rand(min(CHUNK, self.job.settings.length - self.made), 1, generator=self.generator)[:, 0].tolist()
-            self.ids = []
         return self.uniforms[len(self.ids)]
 
-    def take(self, token: int, vocab: Vocab) -> bool:
+    def take(self, token: int) -> bool:
         """Add the picked id; hand over the first character at once, then each completed chunk; True once
         the length is reached."""
         self.ids.append(token)
         if len(self.ids) == len(self.uniforms) or self.made == 0:
-            self.flush(vocab)
+            self.flush()
         return self.made == self.job.settings.length
 
-    def flush(self, vocab: Vocab) -> None:
-        if self.ids:
-            self.job.on_text(vocab.decode(self.ids))
-            self.made += len(self.ids)
-            self.ids, self.uniforms = [], self.uniforms[len(self.ids):]
+    def flush(self, final: bool = False) -> None:
+        """Hand over the ids picked so far as text; ``final``: the request ends, nothing is held back."""
+        text = self.decode(self.ids, final) if self.ids or final else ""
+        if text:
+            self.job.on_text(text)
+        self.made += len(self.ids)
+        self.ids, self.uniforms = [], self.uniforms[len(self.ids):]
 
 
 def batch_rows(count: int) -> int:
@@ -256,7 +261,7 @@ class Engine:
             for part, value in zip(layer_parts(layer), layer_parts(fresh)):
                 part[row] = value[0]
         self.tokens[row] = token[0]
-        self.slots.append(Slot(job, time.monotonic()))
+        self.slots.append(Slot(job, time.monotonic(), self.vocab.stream_decoder()))
         self.rows = None
 
     def fit(self, count: int) -> None:
@@ -285,7 +290,7 @@ class Engine:
         now = time.monotonic()
         ended = []
         for slot, token in zip(self.slots, self.tokens[:count].tolist()):
-            if slot.take(token, self.vocab):
+            if slot.take(token):
                 ended.append((slot, "length"))
             elif now > slot.job.deadline:
                 ended.append((slot, "time"))
@@ -300,7 +305,7 @@ class Engine:
 
     def finish(self, slot: Slot, reason: str) -> None:
         """Hand over the slot's last characters and its ending; its row goes to the last slot's."""
-        slot.flush(self.vocab)
+        slot.flush(final=True)
         slot.job.on_end(Ending(reason, slot.made, time.monotonic() - slot.started))
         row, last = self.slots.index(slot), len(self.slots) - 1
         if row != last:
