@@ -17,6 +17,7 @@ from tests.conftest import TINY_OPTIONS, snapshot, wait_for
 EXACT = [*TINY_OPTIONS, "--model.layers", 2, "--model.dropout", 0, "--model.output-dropout", 0,
          "--train.grad-clip", 0.5, "--train.precision", "fp32", "--quiet"]
 TIMEOUT = 120
+LAUNCHED: list[subprocess.Popen] = []  # every torchrun launcher a test started, for no_job_outlives_its_test
 
 
 def free_port() -> int:
@@ -29,12 +30,21 @@ def torchrun(*args, launcher: list | None = None, **popen_options) -> subprocess
     """`torchrun ... -m charlm ARGS` on one machine (standalone rendezvous on 127.0.0.1 unless ``launcher`` says)."""
     launcher = launcher or ["--standalone", "--nproc-per-node", "2"]
     command = [sys.executable, "-m", "torch.distributed.run", *map(str, launcher), "-m", "charlm", *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **popen_options)
+    LAUNCHED.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True, **popen_options))
+    return LAUNCHED[-1]
+
+
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test():
+    """Whatever a test ended with (a failed assert, a timeout), the jobs it launched are stopped."""
+    yield
+    while LAUNCHED:
+        stop_all(LAUNCHED.pop())
 
 
 def finished(process: subprocess.Popen) -> tuple[int, str]:
-    """Wait for a launcher (killing its whole group if it outlives the bound): (exit code, stderr)."""
+    """Wait for a launcher (killing it and its workers if it outlives the bound): (exit code, stderr)."""
     try:
         _, err = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -60,12 +70,15 @@ def workers(launcher: subprocess.Popen) -> dict[int, int]:
 
 
 def stop_all(launcher: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every worker it started."""
-    for pid in [*workers(launcher).values(), launcher.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """SIGKILL every worker the launcher started, and the launcher, unless it has ended (and been reaped:
+    its pid may be another process's by now)."""
+    if launcher.poll() is None:
+        for pid in workers(launcher).values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launcher.kill()
     launcher.wait()
 
 
