@@ -117,11 +117,12 @@ def choose(logits: torch.Tensor, uniform: torch.Tensor, settings: SampleSettings
     return choose_rows(logits, uniform, RowSettings.of([settings], logits.size(-1), logits.device))
 
 
-def choose_one(logits: np.ndarray, uniform: float, settings: SampleSettings) -> int:
+def choose_one(logits: np.ndarray, uniform: float, settings: SampleSettings, rows: RowSettings) -> int:
     """``choose`` for a single stream's numpy logits (V,), in numpy: a few microseconds where
-    PyTorch's small-tensor calls cost tens. The filtered cases go through ``choose`` itself."""
+    PyTorch's small-tensor calls cost tens. The filtered cases go through ``choose_rows`` with
+    ``rows``, the same settings built once for the stream."""
     if settings.top_k is not None or settings.top_p is not None:
-        return int(choose(torch.from_numpy(logits)[None], torch.tensor([uniform]), settings))
+        return int(choose_rows(torch.from_numpy(logits)[None], torch.tensor([uniform]), rows))
     if settings.temperature == 0:
         return int(logits.argmax())
     cdf = np.cumsum(np.exp((logits - logits.max()) / settings.temperature))
@@ -153,11 +154,12 @@ class NumpySampler:
 
     def __init__(self, weights: InferenceWeights, hidden: Hidden, tokens: torch.Tensor, settings: SampleSettings):
         self.step, self.token, self.settings = Stepper(weights.to_numpy(), hidden), int(tokens[0]), settings
+        self.rows = RowSettings.of([settings], weights.head_t.shape[-1])
 
     def run(self, uniforms: torch.Tensor) -> list[list[int]]:
         picked = []
         for uniform in uniforms[:, 0].tolist():
-            self.token = choose_one(self.step(self.token)[0], uniform, self.settings)
+            self.token = choose_one(self.step(self.token)[0], uniform, self.settings, self.rows)
             picked.append(self.token)
         return [picked]
 
