@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import CharlmError
 from .data.vocab import Vocab
-from .evaluation import EvalResult
+from .evaluation import EvalResult, text_ids
 from .model.charrnn import CharRNN, Hidden, map_hidden, sequence_loss
 
 
@@ -128,6 +128,5 @@ def dynamic_loss(model: CharRNN, ids: torch.Tensor, settings: DynamicSettings | 
 def adapted_to(model: CharRNN, vocab: Vocab, path: str | Path, settings: DynamicSettings | None = None) -> CharRNN:
     """A copy of ``model`` adapted to a text file by dynamic evaluation: sampling from it follows
     that text's style. Characters the model never saw are an error naming them."""
-    from .evaluation import text_ids
     ids, _ = text_ids(path, vocab, skip_unknown=False, remedy="remove them from the file to adapt to")
     return dynamic_loss(model, ids, settings)[1]

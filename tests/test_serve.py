@@ -2,6 +2,7 @@
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -292,8 +293,9 @@ def test_the_openai_client_works_unchanged_plain_and_streaming(pretrained):
 def test_charlm_serve_prints_its_address_and_stops_cleanly_on_sigterm():
     server = charlm_process("serve", "--port", 0, "--max-slots", 8)
     try:
+        assert select.select([server.stdout], [], [], TIMEOUT)[0], "charlm serve printed no address in time"
         first = server.stdout.readline()
-        assert first.startswith("charlm serve: http://127.0.0.1:"), first + server.stderr.read()
+        assert first.startswith("charlm serve: http://127.0.0.1:"), first
         url = first.split()[2]
         reply = httpx.post(f"{url}/v1/generate", json={"prime": "ROMEO:", "length": 30, "seed": 1}, timeout=TIMEOUT)
         assert reply.status_code == 200 and len(reply.json()["text"]) == 30
@@ -302,6 +304,7 @@ def test_charlm_serve_prints_its_address_and_stops_cleanly_on_sigterm():
         out, err = server.communicate(timeout=TIMEOUT)
     finally:
         server.kill()
+        server.wait(TIMEOUT)
     assert server.returncode == 0, err
     assert "Traceback" not in err and "charlm serve: stopped (SIGTERM)" in out
 

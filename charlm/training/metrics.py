@@ -56,6 +56,8 @@ class MetricsWriter:
 
     def forget_after(self, step: int) -> None:
         """Drop the records of steps after ``step``: a resumed run repeats them from its checkpoint."""
+        if not self.enabled:  # another rank of the job: rank 0 keeps the records
+            return
         for path in (self.path, self.samples_path):
             if not path.is_file():
                 continue
