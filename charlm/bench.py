@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .config import Config, DataConfig, ModelConfig, bench_config
+from .data.datasets import DATASETS, dataset_file
 from .data.vocab import Vocab
 from .device import cpu_has_fast_bf16, resolve_device, resolve_precision
 from .evaluation import mean_loss
@@ -231,6 +232,8 @@ def encoding_benchmark(megabytes: int, data: DataConfig | None = None) -> dict[s
             path = Path(tmp) / "corpus.txt"
             synthetic_corpus(path, megabytes)
             data = replace(data or DataConfig(), path=str(path))
+        elif data.path in DATASETS and not Path(data.path).exists():  # downloaded (once) outside the timing
+            data = replace(data, path=str(dataset_file(DATASETS[data.path], data.dir)))
         config = replace(data, dir=str(Path(tmp) / "cache"))
         out = subprocess.run([sys.executable, "-c", ENCODE_CHILD, json.dumps(asdict(config))], capture_output=True,
                              text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})

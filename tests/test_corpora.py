@@ -275,3 +275,12 @@ def test_a_read_only_cache_encoded_beforehand_still_serves(ascii_corpus, tmp_pat
     monkeypatch.setattr(corpus_module, "atomic_write", read_only)
     again = load_corpus(ascii_corpus, tmp_path / "cache")
     assert again.sha256 == first.sha256 and np.array_equal(again.ids, first.ids)
+
+
+def test_bench_fetches_a_named_dataset_once_into_the_data_dir_outside_its_timing(cli, small_dataset, tmp_path):
+    text, archive, start = small_dataset("text8")
+    start(archive)
+    code, out, err = cli("bench", "--encode-only", "--json", "--path", "text8")
+    assert code == 0, err
+    assert (tmp_path / "cache" / "text8").read_bytes() == text  # kept in the data directory, for the next run
+    assert json.loads(out)["encode"]["chars"] == len(text)
