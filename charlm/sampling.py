@@ -24,8 +24,9 @@ import torch
 from .data.vocab import Vocab, describe_chars
 from .errors import CharlmError
 from .model.charrnn import GATES, CharRNN, Hidden, map_hidden
-from .model.inference import InferenceWeights, Stepper, inference_weights
+from .model.inference import InferenceWeights, Stepper, inference_weights, stacked
 
+SHORT_PRIME = 64  # a one-stream CPU prime up to this long steps through numpy (``primed``)
 CHUNK = 16  # characters per draw of uniforms, per copy of picked ids off the device, per piece of text
 # The memory estimate of ``memory_pools``:
 GATE_BUFFERS = 6
@@ -186,15 +187,26 @@ def prime_ids(vocab: Vocab, prime: str) -> list[int]:
     return vocab.encode(prime).tolist()
 
 
-def primed(model: CharRNN, ids: list[int], batch: int) -> tuple[Hidden, torch.Tensor]:
+def primed(model: CharRNN, ids: list[int], batch: int, weights: InferenceWeights) -> tuple[Hidden, torch.Tensor]:
     """The state after all but the last prime character and that last character, for ``batch`` streams.
 
-    The prime runs once, as one stream, through the full recurrent layer; every stream starts
-    from that state (a broadcast view: nothing is copied per stream).
+    The prime runs once, as one stream, and every stream starts from its state (a broadcast view:
+    nothing is copied per stream). On the CPU a prime of up to ``SHORT_PRIME`` characters steps
+    through ``weights`` (``model``'s ``inference_weights``) on numpy, as one stream samples; a longer
+    one, or one on another device, goes through the full recurrent layer, which costs milliseconds
+    to set up on the CPU but reads a long text far faster.
     """
     device = model.head.weight.device
     context = torch.tensor([ids], device=device)
-    hidden = model(context[:, :-1])[1] if len(ids) > 1 else model.init_hidden(1, device)
+    if len(ids) == 1:
+        hidden = model.init_hidden(1, device)
+    elif device.type == "cpu" and len(ids) <= SHORT_PRIME:
+        step = Stepper(weights.to_numpy(), model.init_hidden(1, device))
+        for token in ids[:-1]:
+            step(token)
+        hidden = stacked(step.state)
+    else:
+        hidden = model(context[:, :-1])[1]
     return map_hidden(lambda part: part.expand(-1, batch, -1), hidden), context[0, -1:].expand(batch)
 
 
@@ -313,8 +325,9 @@ def pieces(model: CharRNN, vocab: Vocab, ids: list[int], settings: SampleSetting
     model.eval()
     batch, device = settings.num_samples, model.head.weight.device
     generator = torch.Generator().manual_seed(settings.seed if settings.seed is not None else torch.seed())
-    hidden, tokens = primed(model, ids, batch)
-    chunks = sampler(inference_weights(model), hidden, tokens, settings)
+    weights = inference_weights(model)
+    hidden, tokens = primed(model, ids, batch, weights)
+    chunks = sampler(weights, hidden, tokens, settings)
     decoders = [vocab.stream_decoder() for _ in range(batch)]  # a byte model's character may span two chunks
     for start in range(0, settings.length, CHUNK):
         uniforms = torch.rand(min(CHUNK, settings.length - start), batch, generator=generator)

@@ -16,8 +16,8 @@ import torch
 from charlm import sampling
 from charlm.model.checkpoint import load_model
 from charlm.runinfo import checkpoint_info
-from charlm.model.inference import Stepper, inference_weights
-from charlm.sampling import SampleSettings, TorchSampler, generate, primed
+from charlm.model.inference import inference_weights
+from charlm.sampling import SampleSettings, generate, primed
 from tests.conftest import charlm_process, one_line_error, wait_for
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need the test extra (httpx)")
@@ -25,7 +25,7 @@ pytest.importorskip("fastapi", reason="the serve tests need the serve extra")
 uvicorn = pytest.importorskip("uvicorn", reason="the serve tests need the serve extra")
 
 from charlm.serve.app import create_app  # noqa: E402
-from charlm.serve.engine import ROW_BLOCK, Engine, batch_rows, layer_parts, resized  # noqa: E402
+from charlm.serve.engine import CPU_BLOCK, Blocks, Engine  # noqa: E402
 from charlm.serve.server import Limits  # noqa: E402
 
 TIMEOUT = 60
@@ -38,9 +38,8 @@ def pretrained():
     return load_model("pretrained")
 
 
-def library_text(pretrained, prime: str, settings: SampleSettings, monkeypatch) -> str:
-    """``charlm.generate`` on its PyTorch path (a one-stream CPU run would otherwise take the numpy one)."""
-    monkeypatch.setattr(sampling, "sampler", TorchSampler)
+def library_text(pretrained, prime: str, settings: SampleSettings) -> str:
+    """What ``charlm sample`` gives: ``charlm.generate``, one stream (on its numpy path)."""
     return generate(pretrained.model, pretrained.vocab, prime, settings)[0]
 
 
@@ -72,24 +71,24 @@ def amid(engine: Engine, crowd: list, prime: str, settings: SampleSettings) -> t
     return "".join(pieces), busiest[0]
 
 
-def test_a_request_gives_the_same_text_alone_amid_others_and_from_the_library(pretrained, monkeypatch):
-    """The text depends on the request alone, whatever the batch (its rows padded to a multiple of
-    ROW_BLOCK: 16, 32 and 48 here), and equals the library's PyTorch sampler's with that seed."""
+def test_a_request_gives_the_same_text_alone_amid_others_and_from_the_library(pretrained):
+    """The text depends on the request alone, whatever the batch (blocks of CPU_BLOCK rows: one to
+    three here) and its row in it, and equals the library's (``charlm sample``'s) with that seed."""
     engine = Engine(pretrained.model, pretrained.vocab)
     try:
         for prime, settings in (("ROMEO:", ASKED), ("", FILTERED)):
             alone = "".join(engine.stream(prime, settings))
             assert len(alone) == settings.length
-            assert alone == library_text(pretrained, prime, settings, monkeypatch)
+            assert alone == library_text(pretrained, prime, settings)
             for crowd in (15, 40):
                 text, busiest = amid(engine, others(crowd), prime, settings)
                 assert text == alone, f"differs amid {crowd} others"
-                assert busiest > ROW_BLOCK or crowd < ROW_BLOCK
+                assert busiest > CPU_BLOCK or crowd < CPU_BLOCK
     finally:
         engine.stop()
 
 
-def test_a_byte_model_serves_whole_characters_as_the_library_gives_them(tiny_config, unicode_corpus, monkeypatch):
+def test_a_byte_model_serves_whole_characters_as_the_library_gives_them(tiny_config, unicode_corpus):
     """A byte model's character can straddle two pieces (or be the first piece's single byte): served
     text must join it as the library does, never put U+FFFD in its place."""
     import charlm
@@ -102,34 +101,36 @@ def test_a_byte_model_serves_whole_characters_as_the_library_gives_them(tiny_con
         served = "".join(engine.stream("床", settings))
     finally:
         engine.stop()
-    assert served == library_text(loaded, "床", settings, monkeypatch)
+    assert served == library_text(loaded, "床", settings)
     assert any(ord(char) > 0x7F for char in served), "no multi-byte character was made: nothing was tested"
 
 
-def test_each_row_of_a_padded_batch_computes_the_same_bits_whatever_the_batch_size(pretrained):
-    """What the engine's padding is for: a product's rows round differently with their number (the BLAS
-    picks its kernel and thread split by size), so a batch of N slots is computed with batch_rows(N)
-    rows; then every slot's logits are bit for bit the same at any N."""
+def test_each_row_computes_the_same_bits_whatever_the_batch_and_its_place_in_it(pretrained):
+    """What the engine's blocks are for: a product's rows round differently with their number and
+    place (the BLAS picks its kernel and thread split by size), so the batch is stepped in blocks of
+    a fixed size; then a slot's logits are bit for bit the same with any other slots, in any row."""
     model, weights = pretrained.model, inference_weights(pretrained.model)
-    starts = [primed(model, pretrained.vocab.encode(f"ROMEO{'o' * i}:").tolist(), 1) for i in range(40)]
+    starts = [primed(model, pretrained.vocab.encode(f"ROMEO{'o' * i}:").tolist(), 1, weights) for i in range(40)]
 
-    def logits(count: int) -> list:
-        """Six greedy steps of the first ``count`` states as one batch, zero-padded as the engine pads it."""
-        rows = batch_rows(count)
-        hidden = tuple(torch.cat([part, part.new_zeros(part.shape[0], rows - count, part.shape[2])], 1)
-                       for part in (torch.cat(parts, 1) for parts in zip(*(layer_parts(h) for h, _ in starts[:count]))))
-        stepper = Stepper(weights, hidden if len(hidden) == 2 else hidden[0])
-        tokens = resized(torch.cat([token for _, token in starts[:count]])[:, None], rows)[:, 0]
-        out = []
+    def logits(order: list[int]) -> dict[int, list[torch.Tensor]]:
+        """Six greedy steps of the states ``order`` names, in that order of rows: each one's logits."""
+        blocks = Blocks(weights.to_numpy(), model, CPU_BLOCK)
+        blocks.fit(len(order))
+        for row, start in enumerate(order):
+            blocks.put(row, *starts[start])
+        out = {start: [] for start in order}
         for _ in range(6):
-            step = stepper(tokens)
-            out.append(step[:count])
-            tokens = step.argmax(-1)
+            step = blocks.step()
+            for row, start in enumerate(order):
+                out[start].append(step[row].clone())
+            blocks.advance(step.argmax(-1))
         return out
 
-    widest = logits(40)
+    widest = logits(list(range(40)))
     for count in (1, 2, 3, 5, 7, 9, 11, 13, 17, 33):
-        assert all(torch.equal(row, wide[:count]) for row, wide in zip(logits(count), widest)), f"{count} slots round differently"
+        for order in (list(range(count)), list(range(39, 39 - count, -1))):  # other places for most states
+            assert all(torch.equal(got, want) for start, steps in logits(order).items()
+                       for got, want in zip(steps, widest[start])), f"{count} slots round differently"
 
 
 @contextmanager
@@ -164,7 +165,7 @@ def events(response) -> list[tuple[str | None, dict]]:
     return found
 
 
-def test_the_api_describes_the_model_and_generates_as_json_and_as_events(pretrained, monkeypatch):
+def test_the_api_describes_the_model_and_generates_as_json_and_as_events(pretrained):
     with serving(pretrained) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as client:
         assert client.get("/health").json() == {"status": "ok"}
         model = client.get("/v1/model").json()
@@ -173,7 +174,7 @@ def test_the_api_describes_the_model_and_generates_as_json_and_as_events(pretrai
         assert "/v1/completions" in client.get("/openapi.json").json()["paths"] and client.get("/docs").status_code == 200
         body = {"prime": "ROMEO:", "length": ASKED.length, "temperature": ASKED.temperature, "seed": ASKED.seed}
         reply = client.post("/v1/generate", json=body).json()
-        expected = library_text(pretrained, "ROMEO:", ASKED, monkeypatch)
+        expected = library_text(pretrained, "ROMEO:", ASKED)
         assert reply["text"] == expected and not reply["text"].startswith("ROMEO:")
         assert (reply["prime"], reply["length"], reply["seed"]) == ("ROMEO:", ASKED.length, ASKED.seed) and reply["chars_per_second"] > 0
         with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as streamed:
@@ -256,6 +257,15 @@ def test_a_full_server_answers_503_with_retry_after_and_long_requests_end_in_tim
         assert timed["finish_reason"] == "time" and len(timed["text"]) == timed["length"] < 2000
 
 
+def gave_up(client: httpx.Client) -> list[str]:
+    """A 5,000-character JSON request that stops waiting for its reply after one second."""
+    try:
+        client.post("/v1/generate", json={"length": 5000}, timeout=1.0)
+    except httpx.ReadTimeout:
+        return ["timed out"]
+    return ["answered"]
+
+
 def test_a_client_that_goes_away_frees_its_slot_at_once(pretrained):
     with serving(pretrained) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as client:
         load = lambda: client.get("/v1/load").json()["active"]  # noqa: E731
@@ -265,10 +275,13 @@ def test_a_client_that_goes_away_frees_its_slot_at_once(pretrained):
                     with leaving.stream("POST", "/v1/generate", json={"length": 5000, "stream": True}) as reply:
                         next(reply.iter_lines())
                         assert load() == 1
-                else:
-                    with pytest.raises(httpx.ReadTimeout):
-                        leaving.post("/v1/generate", json={"length": 5000}, timeout=0.5)
-                    assert load() == 1
+                else:  # the client gives up waiting for the JSON reply after a second
+                    timeouts = []
+                    thread = threading.Thread(target=lambda: timeouts.extend(gave_up(leaving)))
+                    thread.start()
+                    assert wait_for(lambda: load() == 1, 1)
+                    thread.join(TIMEOUT)
+                    assert timeouts == ["timed out"]
             started = time.monotonic()
             assert wait_for(lambda: load() == 0, 5), "the slot stayed taken"
             assert time.monotonic() - started < 2

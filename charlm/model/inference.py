@@ -59,8 +59,10 @@ class InferenceWeights:
                        layers=[LayerWeights(*(as_array(getattr(layer, f.name)) for f in fields(layer))) for layer in self.layers])
 
 
-def as_array(tensor: torch.Tensor | None) -> np.ndarray | None:
-    return None if tensor is None else tensor.detach().to("cpu", torch.float32).numpy()
+def as_array(tensor: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
+    if tensor is None or isinstance(tensor, np.ndarray):
+        return tensor
+    return tensor.detach().to("cpu", torch.float32).numpy()
 
 
 def gate_layout(cell: str, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +128,16 @@ CELL_UPDATE = {"rnn": rnn_update, "gru": gru_update, "lstm": lstm_update}
 def per_layer(hidden: Hidden, layers: int) -> list[LayerState]:
     """A (layers, B, H) hidden state, as ``nn.LSTM`` and the others return it, as one entry per layer."""
     return [map_hidden(lambda part: part[layer], hidden) for layer in range(layers)]
+
+
+def stacked(state: list[LayerState]) -> Hidden:
+    """The inverse of ``per_layer``: one entry per layer (tensors or numpy arrays) as a (layers, B, H) tensor state."""
+    def stack(parts: list[Array]) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(part) for part in parts])
+
+    if isinstance(state[0], tuple):
+        return tuple(stack(parts) for parts in zip(*state))
+    return stack(state)
 
 
 class Stepper:

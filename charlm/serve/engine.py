@@ -8,12 +8,16 @@ one ``choose_rows`` with each row's own temperature, top-k and top-p. Each reque
 stream, and its text is handed over as it is made: the first character at once, then a chunk at a time.
 
 A request's text must not depend on what else is served. A matrix product's rows can round
-differently with the number of rows (the BLAS picks other kernels, and splits a small product
-across threads differently): measured on the 2-core test machine, products of 1-3, 5-7 and 9-11
-rows each round differently from those of 4, 8 and 12 or more rows, which all agree bit for bit. So
-the batch is padded to a multiple of ``ROW_BLOCK`` rows, and every row rounds as it would in any
-other batch; the padding rows compute on zeros and are ignored. A test checks this on the machine
-it runs on (tests/test_serve.py), so a BLAS that behaves otherwise is caught, not hidden.
+differently with the number of rows and with their place among them (the BLAS picks its kernels and
+splits the rows between threads by the product's size). So the batch is kept in blocks of a fixed
+number of rows, each block goes through the model in product calls of its own, always of that
+shape, and a row rounds alike in any batch and at any place in its block; the rows a block holds
+beyond the active slots compute on stale or zero states and are ignored. On the CPU the blocks are
+``CPU_BLOCK`` rows stepped on numpy arrays: numpy's BLAS runs these products faster than PyTorch's
+here, and blocks of 4, 8 and 16 rows give every place the same bits on the 2-core test machine
+(docs/BENCHMARKS.md; a test checks it on the machine it runs on, tests/test_serve.py, so a BLAS
+that behaves otherwise is caught, not hidden). On a GPU the batch is one block of ``max_slots``
+rows: a step there costs about the same for any number of rows.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from ..data.vocab import Vocab
-from ..model.charrnn import CharRNN, Hidden, map_hidden
-from ..model.inference import LayerState, Stepper, inference_weights, per_layer
+from ..model.charrnn import CharRNN, Hidden
+from ..model.inference import Array, InferenceWeights, LayerState, Stepper, as_array, inference_weights, per_layer
 from ..sampling import CHUNK, RowSettings, SampleSettings, choose_rows, primed, prime_ids
 
-ROW_BLOCK = 4  # the batch's row count is a multiple of this
+CPU_BLOCK = 16  # rows per block (per product call) on the CPU
 PADDING = SampleSettings()  # the settings of the ignored padding rows
 
 
@@ -116,21 +121,66 @@ class Slot:
         self.ids, self.uniforms = [], self.uniforms[len(self.ids):]
 
 
-def batch_rows(count: int) -> int:
-    """The rows a batch of ``count`` slots is computed with: the next multiple of ``ROW_BLOCK`` (at least one block)."""
-    return max(1, -(-count // ROW_BLOCK)) * ROW_BLOCK
-
-
-def layer_parts(layer: LayerState) -> tuple[torch.Tensor, ...]:
-    """One layer's state tensors: (h, c) for an LSTM, (h,) otherwise."""
+def layer_parts(layer: LayerState) -> tuple[Array, ...]:
+    """One layer's state arrays: (h, c) for an LSTM, (h,) otherwise."""
     return layer if isinstance(layer, tuple) else (layer,)
 
 
-def resized(part: torch.Tensor, rows: int) -> torch.Tensor:
-    """``part`` (B, H) cut or padded with zero rows to ``rows`` rows."""
-    if rows <= len(part):
-        return part[:rows]
-    return torch.cat([part, part.new_zeros(rows - len(part), part.shape[-1])])
+class Blocks:
+    """The batch's rows in blocks of ``size`` rows, each stepped by a ``Stepper`` of its own (the module
+    docstring says why). Row i of the batch is row i % size of block i // size."""
+
+    def __init__(self, weights: InferenceWeights, model: CharRNN, size: int):
+        self.weights, self.model, self.size = weights, model, size
+        self.numpy = isinstance(weights.head_t, np.ndarray)
+        self.steppers: list[Stepper] = []
+        self.tokens: list[Array] = []  # each block's last ids, (size,)
+
+    @property
+    def rows(self) -> int:
+        return len(self.steppers) * self.size
+
+    def fit(self, count: int) -> None:
+        """Just enough blocks for ``count`` rows: new ones start from zero states, emptied ones at the end go."""
+        wanted = -(-count // self.size)
+        del self.steppers[wanted:], self.tokens[wanted:]
+        while len(self.steppers) < wanted:
+            self.steppers.append(Stepper(self.weights, self.model.init_hidden(self.size, self.model.head.weight.device)))
+            zeros = torch.zeros(self.size, dtype=torch.long, device=self.model.head.weight.device)
+            self.tokens.append(zeros.numpy() if self.numpy else zeros)
+
+    def parts(self, row: int) -> tuple[int, list[tuple[Array, ...]]]:
+        """Where ``row`` lives: its place in its block, and the block's state arrays layer by layer."""
+        block, place = divmod(row, self.size)
+        return place, [layer_parts(layer) for layer in self.steppers[block].state]
+
+    def put(self, row: int, hidden: Hidden, token: torch.Tensor) -> None:
+        """Start ``row`` from a (layers, 1, H) state and its last id (``sampling.primed`` for one stream)."""
+        place, layers = self.parts(row)
+        for parts, fresh in zip(layers, per_layer(hidden, len(layers))):
+            for part, value in zip(parts, layer_parts(fresh)):
+                part[place] = as_array(value[0]) if self.numpy else value[0]
+        self.tokens[row // self.size][place] = int(token[0])
+
+    def copy(self, source: int, target: int) -> None:
+        """Give row ``target`` the state and last id of row ``source``."""
+        (source_place, source_layers), (target_place, target_layers) = self.parts(source), self.parts(target)
+        for source_parts, target_parts in zip(source_layers, target_layers):
+            for source_part, target_part in zip(source_parts, target_parts):
+                target_part[target_place] = source_part[source_place]
+        self.tokens[target // self.size][target_place] = self.tokens[source // self.size][source_place]
+
+    def step(self) -> torch.Tensor:
+        """Every row's logits for its next character, (rows, V), as a tensor on the model's device."""
+        logits = [stepper(tokens) for stepper, tokens in zip(self.steppers, self.tokens)]
+        if self.numpy:
+            return torch.from_numpy(np.concatenate(logits) if len(logits) > 1 else logits[0])
+        return torch.cat(logits) if len(logits) > 1 else logits[0]
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Take the ids picked for every row as each block's last ones."""
+        tokens = tokens.numpy() if self.numpy else tokens
+        self.tokens = [tokens[start:start + self.size] for start in range(0, len(tokens), self.size)]
 
 
 class Engine:
@@ -139,20 +189,27 @@ class Engine:
     ``submit`` queues a request (refusing bad input with ``CharlmError`` and a full queue with
     ``EngineBusy``); ``stream`` is the same for Python callers, as an iterator of text pieces.
     The batch runs in a thread of its own, or with ``in_thread=False`` wherever ``run`` is called:
-    ``charlm serve`` runs it on the main thread, where PyTorch's CPU products run up to twice as
+    ``charlm serve`` runs it on the main thread, where PyTorch's CPU products ran up to twice as
     fast as on another thread (measured on the 2-core test machine, docs/BENCHMARKS.md).
+
+    On the CPU, PyTorch is held to one thread from here to ``stop``: the products run in numpy's
+    BLAS, which keeps its own threads, and two pools of threads waiting on the same cores made each
+    step three times slower (docs/BENCHMARKS.md); PyTorch is left only the small per-step choice.
     """
 
     def __init__(self, model: CharRNN, vocab: Vocab, max_slots: int = 64, max_waiting: int = 64, in_thread: bool = True):
         self.model, self.vocab = model.eval(), vocab
         self.max_slots, self.max_waiting = max_slots, max_waiting
-        self.weights = inference_weights(model)
         self.device = model.head.weight.device
+        on_cpu = self.device.type == "cpu"
+        weights = inference_weights(model)
+        self.blocks = Blocks(weights.to_numpy() if on_cpu else weights, model, CPU_BLOCK if on_cpu else max_slots)
+        self.torch_threads = torch.get_num_threads()
+        if on_cpu:
+            torch.set_num_threads(1)
         self.condition = threading.Condition()
         self.waiting: deque[Job] = deque()
         self.slots: list[Slot] = []
-        self.stepper: Stepper | None = None
-        self.tokens = torch.zeros(0, dtype=torch.long, device=self.device)
         self.rows: RowSettings | None = None  # rebuilt when a slot joins or leaves
         self.stopping = False
         self.thread = threading.Thread(target=self.run, name="charlm-engine", daemon=True) if in_thread else None
@@ -170,7 +227,7 @@ class Engine:
         seed = settings.seed if settings.seed is not None else secrets.randbits(63)
         self.check_room()  # before the prime's work, and again after it
         with torch.no_grad():
-            start = primed(self.model, ids, 1)
+            start = primed(self.model, ids, 1, self.blocks.weights)
         now = time.monotonic()
         job = Job(start, replace(settings, seed=seed, num_samples=1), on_text, on_end, now + time_limit, now + queue_timeout)
         with self.condition:
@@ -209,6 +266,7 @@ class Engine:
             self.condition.notify()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join()
+        torch.set_num_threads(self.torch_threads)
 
     # --- the batch's thread ---
 
@@ -254,26 +312,10 @@ class Engine:
         if job.settings.length == 0:
             job.on_end(Ending("length", 0, 0.0))
             return
-        hidden, token = job.start
-        row = len(self.slots)
-        self.fit(row + 1)
-        for layer, fresh in zip(self.stepper.state, per_layer(hidden, len(self.weights.layers))):
-            for part, value in zip(layer_parts(layer), layer_parts(fresh)):
-                part[row] = value[0]
-        self.tokens[row] = token[0]
+        self.blocks.fit(len(self.slots) + 1)
+        self.blocks.put(len(self.slots), *job.start)
         self.slots.append(Slot(job, time.monotonic(), self.vocab.stream_decoder()))
         self.rows = None
-
-    def fit(self, count: int) -> None:
-        """Size the batch for ``count`` slots: the next multiple of ``ROW_BLOCK`` rows."""
-        width = batch_rows(count)
-        if width == len(self.tokens):
-            return
-        if self.stepper is None:
-            self.stepper = Stepper(self.weights, self.model.init_hidden(width, self.device))
-        else:
-            self.stepper.state = [map_hidden(lambda part: resized(part, width), layer) for layer in self.stepper.state]
-        self.tokens = resized(self.tokens[:, None], width)[:, 0].contiguous()
 
     def step(self) -> None:
         """One character for every active slot; the finished ones leave."""
@@ -281,15 +323,16 @@ class Engine:
             self.finish(slot, "cancelled")
         if not self.slots:
             return
-        width, count = len(self.tokens), len(self.slots)
+        width, count = self.blocks.rows, len(self.slots)
         if self.rows is None:
             self.rows = RowSettings.of([slot.job.settings for slot in self.slots] + [PADDING] * (width - count),
                                        len(self.vocab), self.device)
         uniform = torch.tensor([slot.next_uniform() for slot in self.slots] + [0.5] * (width - count))
-        self.tokens = choose_rows(self.stepper(self.tokens), uniform.to(self.device), self.rows)
+        tokens = choose_rows(self.blocks.step(), uniform.to(self.device), self.rows)
+        self.blocks.advance(tokens)
         now = time.monotonic()
         ended = []
-        for slot, token in zip(self.slots, self.tokens[:count].tolist()):
+        for slot, token in zip(self.slots, tokens[:count].tolist()):
             if slot.take(token):
                 ended.append((slot, "length"))
             elif now > slot.job.deadline:
@@ -300,8 +343,8 @@ class Engine:
     def fail_all(self) -> None:
         for slot in self.slots:
             slot.job.on_end(Ending("error", slot.made, time.monotonic() - slot.started))
-        self.slots, self.stepper, self.rows = [], None, None
-        self.tokens = self.tokens[:0]
+        self.slots, self.rows = [], None
+        self.blocks.fit(0)
 
     def finish(self, slot: Slot, reason: str) -> None:
         """Hand over the slot's last characters and its ending; its row goes to the last slot's."""
@@ -309,12 +352,9 @@ class Engine:
         slot.job.on_end(Ending(reason, slot.made, time.monotonic() - slot.started))
         row, last = self.slots.index(slot), len(self.slots) - 1
         if row != last:
-            for layer in self.stepper.state:
-                for part in layer_parts(layer):
-                    part[row] = part[last]
-            self.tokens[row] = self.tokens[last]
+            self.blocks.copy(last, row)
             self.slots[row] = self.slots[last]
         self.slots.pop()
-        self.fit(len(self.slots))
+        self.blocks.fit(len(self.slots))
         self.rows = None
 
