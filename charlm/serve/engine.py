@@ -1,9 +1,12 @@
 """Continuous batching: one worker thread owns the model and steps every active request together.
 
-A request joins the batch once its prime has run through the model (``sampling.primed``, in the
-caller's thread, so a new request never stalls the batch) and leaves it at a character boundary: when its length is reached, when it is cancelled (its
-client went away) or when its time is up. Each step is one ``Stepper`` call over all active rows and
-one ``choose_rows`` with each row's own temperature, top-k and top-p. Each request draws its uniforms
+A request joins the batch once its prime has run through the model (``sampling.primed``) and leaves
+it at a character boundary: when its length is reached, when it is cancelled (its client went away)
+or when its time is up. A short prime on the CPU runs in the batch's thread as the request joins
+(about a millisecond of numpy steps; numpy's BLAS called from many request threads at once stalled
+the batch), a longer one in the caller's thread, so the full recurrent layer's milliseconds never
+stall it. Each step is one ``Blocks.step`` over all active rows and one ``choose_rows`` with each
+row's own temperature, top-k and top-p. Each request draws its uniforms
 ``CHUNK`` at a time from its own seeded CPU generator, exactly as ``sampling.pieces`` does for one
 stream, and its text is handed over as it is made: the first character at once, then a chunk at a time.
 
@@ -37,7 +40,7 @@ import torch
 from ..data.vocab import Vocab
 from ..model.charrnn import CharRNN, Hidden
 from ..model.inference import Array, InferenceWeights, LayerState, Stepper, as_array, inference_weights, per_layer
-from ..sampling import CHUNK, RowSettings, SampleSettings, choose_rows, primed, prime_ids
+from ..sampling import CHUNK, SHORT_PRIME, RowSettings, SampleSettings, choose_rows, primed, prime_ids
 
 CPU_BLOCK = 16  # rows per block (per product call) on the CPU
 PADDING = SampleSettings()  # the settings of the ignored padding rows
@@ -68,7 +71,8 @@ class Job:
 
     ``on_text`` and ``on_end`` are called from the engine's thread; ``on_end`` exactly once."""
 
-    start: tuple[Hidden, torch.Tensor]  # the state after the prime, and its last character (``sampling.primed``)
+    ids: list[int]  # the prime's
+    start: tuple[Hidden, torch.Tensor] | None  # the state after a long prime, and its last character (``sampling.primed``)
     settings: SampleSettings
     on_text: Callable[[str], None]
     on_end: Callable[[Ending], None]
@@ -226,10 +230,12 @@ class Engine:
         ids = prime_ids(self.vocab, prime)
         seed = settings.seed if settings.seed is not None else secrets.randbits(63)
         self.check_room()  # before the prime's work, and again after it
-        with torch.no_grad():
-            start = primed(self.model, ids, 1, self.blocks.weights)
+        start = None
+        if len(ids) > SHORT_PRIME or self.device.type != "cpu":  # the full recurrent layer's milliseconds run here
+            with torch.no_grad():
+                start = primed(self.model, ids, 1, self.blocks.weights)
         now = time.monotonic()
-        job = Job(start, replace(settings, seed=seed, num_samples=1), on_text, on_end, now + time_limit, now + queue_timeout)
+        job = Job(ids, start, replace(settings, seed=seed, num_samples=1), on_text, on_end, now + time_limit, now + queue_timeout)
         with self.condition:
             self.check_room()
             self.waiting.append(job)
@@ -313,7 +319,7 @@ class Engine:
             job.on_end(Ending("length", 0, 0.0))
             return
         self.blocks.fit(len(self.slots) + 1)
-        self.blocks.put(len(self.slots), *job.start)
+        self.blocks.put(len(self.slots), *(job.start or primed(self.model, job.ids, 1, self.blocks.weights)))
         self.slots.append(Slot(job, time.monotonic(), self.vocab.stream_decoder()))
         self.rows = None
 
