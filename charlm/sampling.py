@@ -187,6 +187,11 @@ def prime_ids(vocab: Vocab, prime: str) -> list[int]:
     return vocab.encode(prime).tolist()
 
 
+def steps_on_numpy(device: torch.device, ids: list[int]) -> bool:
+    """Whether ``primed`` steps this prime through numpy: a short one on the CPU."""
+    return device.type == "cpu" and len(ids) <= SHORT_PRIME
+
+
 def primed(model: CharRNN, ids: list[int], batch: int, weights: InferenceWeights) -> tuple[Hidden, torch.Tensor]:
     """The state after all but the last prime character and that last character, for ``batch`` streams.
 
@@ -200,7 +205,7 @@ def primed(model: CharRNN, ids: list[int], batch: int, weights: InferenceWeights
     context = torch.tensor([ids], device=device)
     if len(ids) == 1:
         hidden = model.init_hidden(1, device)
-    elif device.type == "cpu" and len(ids) <= SHORT_PRIME:
+    elif steps_on_numpy(device, ids):
         step = Stepper(weights.to_numpy(), model.init_hidden(1, device))
         for token in ids[:-1]:
             step(token)

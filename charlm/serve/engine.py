@@ -40,7 +40,7 @@ import torch
 from ..data.vocab import Vocab
 from ..model.charrnn import CharRNN, Hidden
 from ..model.inference import Array, InferenceWeights, LayerState, Stepper, as_array, inference_weights, per_layer
-from ..sampling import CHUNK, SHORT_PRIME, RowSettings, SampleSettings, choose_rows, primed, prime_ids
+from ..sampling import CHUNK, RowSettings, SampleSettings, choose_rows, primed, prime_ids, steps_on_numpy
 
 CPU_BLOCK = 16  # rows per block (per product call) on the CPU
 PADDING = SampleSettings()  # the settings of the ignored padding rows
@@ -231,7 +231,7 @@ class Engine:
         seed = settings.seed if settings.seed is not None else secrets.randbits(63)
         self.check_room()  # before the prime's work, and again after it
         start = None
-        if len(ids) > SHORT_PRIME or self.device.type != "cpu":  # the full recurrent layer's milliseconds run here
+        if not steps_on_numpy(self.device, ids):  # the full recurrent layer's milliseconds run here
             with torch.no_grad():
                 start = primed(self.model, ids, 1, self.blocks.weights)
         now = time.monotonic()
