@@ -27,7 +27,7 @@ import torch
 from .config import Config, DataConfig, ModelConfig, bench_config
 from .data.datasets import DATASETS, dataset_file
 from .data.vocab import Vocab
-from .device import cpu_has_fast_bf16, resolve_device, resolve_precision
+from .device import cpu_has_native_bf16, resolve_device, resolve_precision
 from .evaluation import mean_loss
 from .model.charrnn import GATES, CharRNN
 from .sampling import SampleSettings, generate
@@ -107,7 +107,7 @@ def matmul_peaks(device: torch.device, size: int, min_seconds: float) -> dict[st
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         a_dnn, b_dnn = a.to_mkldnn(), b.to_mkldnn()
         peaks["fp32 (oneDNN linear)"] = flops / timed(lambda: torch._C._nn.mkldnn_linear(a_dnn, b_dnn), device, min_seconds, fastest=True) / 1e9
-    if device.type == "cuda" or cpu_has_fast_bf16():
+    if device.type == "cuda" or cpu_has_native_bf16():
         a16, b16 = a.bfloat16(), b.bfloat16()
         peaks["bf16"] = flops / timed(lambda: a16 @ b16, device, min_seconds, fastest=True) / 1e9
     else:  # emulated bf16: measured small, so the table shows why auto avoids it

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
+from functools import cache
 
 import torch
 
@@ -35,7 +37,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def cpu_has_fast_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
     """True where oneDNN has native bf16 (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -43,8 +45,39 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+BF16_MARGIN = 1.3  # bf16 must be this much faster than fp32 for 'auto' to take it
+
+
+@cache
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 products run clearly faster than fp32 on this CPU, measured once (about 0.1 s).
+
+    Native bf16 instructions are not enough: on an Intel Xeon VM with AVX-512 BF16 but no AMX,
+    bf16 products ran at 132 GFLOP/s against 179 for fp32, and training at 0.6-0.75x fp32's speed
+    (docs/BENCHMARKS.md), where other CPUs run bf16 products at about twice fp32's rate.
+    """
+    if not cpu_has_native_bf16():
+        return False
+    a, b = torch.randn(256, 1024), torch.randn(1024, 2048)
+    bf16_seconds, fp32_seconds = fastest_products([(a.bfloat16(), b.bfloat16()), (a, b)])
+    return bf16_seconds * BF16_MARGIN < fp32_seconds
+
+
+def fastest_products(pairs: list[tuple[torch.Tensor, torch.Tensor]], repeats: int = 7) -> list[float]:
+    """Each pair's fastest product, the pairs taken in turn so that a change of load hits them alike."""
+    for a, b in pairs:
+        a @ b  # the first product picks and prepares the kernel
+    best = [float("inf")] * len(pairs)
+    for _ in range(repeats):
+        for i, (a, b) in enumerate(pairs):
+            start = time.perf_counter()
+            a @ b
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' means bf16 autocast on a CPU with native bf16, fp32 elsewhere (TF32 products on CUDA).
+    """'auto' means bf16 autocast on a CPU where bf16 pays, fp32 elsewhere (TF32 products on CUDA).
 
     bf16 on a CPU without native bf16 is refused: oneDNN has no bf16 LSTM kernel for it, so the
     first forward would fail deep inside it. bf16 on CUDA is refused too: PyTorch's autocast
@@ -54,12 +87,12 @@ def resolve_precision(name: str, device: torch.device) -> str:
     ``GradScaler``, on CUDA only.
     """
     if name == "auto":
-        return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_bf16_pays() else "fp32"
     if name == "bf16" and device.type == "cuda":
         raise CharlmError("precision bf16 on CUDA would run the recurrent layers in fp16 (PyTorch's autocast casts "
                           "cuDNN RNNs to fp16 whatever dtype it is given); use precision fp16, which adds a gradient "
                           "scaler, or fp32")
-    if name == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+    if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         raise CharlmError("precision bf16 needs a CPU with native bf16 (AVX-512 BF16 or AMX) and this one has none; "
                           "use precision fp32 or auto")
     if name == "fp16" and device.type != "cuda":

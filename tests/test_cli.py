@@ -166,12 +166,25 @@ def test_unavailable_device(cli, ascii_corpus, trained):
 
 
 def test_bf16_refused_on_a_cpu_without_it_and_fp16_off_cuda(cli, ascii_corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: False)  # as on an AVX2-only CPU
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)  # as on an AVX2-only CPU
     code, _, err = cli("train", "--data", ascii_corpus, *TINY, "--train.precision", "bf16", "--out", tmp_path / "bf16")
     one_line_error(code, err, "native bf16", "fp32 or auto")
     code, _, err = cli("train", "--data", ascii_corpus, *TINY, "--train.precision", "fp16", "--device", "cpu", "--out", tmp_path / "bf16")
     one_line_error(code, err, "fp16 is for CUDA GPUs", "auto or fp32")
     assert not (tmp_path / "bf16").exists()
+
+
+@pytest.mark.parametrize("bf16_seconds, expected", [(0.5, "bf16"), (0.9, "fp32"), (2.0, "fp32")])
+def test_auto_takes_bf16_only_where_it_measures_clearly_faster(monkeypatch, bf16_seconds, expected):
+    """A CPU with bf16 instructions can still run them slower than fp32 (an Intel VM without AMX did)."""
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(device_module, "fastest_products", lambda pairs: [bf16_seconds, 1.0])
+    device_module.cpu_bf16_pays.cache_clear()
+    try:
+        assert device_module.resolve_precision("auto", torch.device("cpu")) == expected
+        assert device_module.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for: allowed
+    finally:
+        device_module.cpu_bf16_pays.cache_clear()
 
 
 def test_disk_full_during_save_keeps_the_earlier_checkpoint(cli, trained, monkeypatch):
