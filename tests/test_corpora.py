@@ -59,6 +59,14 @@ def test_a_glob_with_exclusions_and_the_checksum_follows_the_content(tree, tmp_p
     assert second.sha256 != first.sha256 and "changed" in text_of(second)
 
 
+def test_a_file_whose_name_looks_like_a_glob_is_read_as_that_file(tmp_path):
+    odd = tmp_path / "notes [draft].txt"
+    odd.write_text("a file with brackets in its name\n" * 20, encoding="utf-8")
+    (tmp_path / "notes d.txt").write_text("what the glob would match\n" * 20, encoding="utf-8")
+    corpus = load_corpus(odd, tmp_path / "cache")
+    assert text_of(corpus) == odd.read_text(encoding="utf-8")  # not "notes d.txt", which the glob matches
+
+
 def test_the_cache_is_keyed_by_content_not_by_path(ascii_corpus, tmp_path):
     copy = tmp_path / "elsewhere" / "copy.txt"
     copy.parent.mkdir()

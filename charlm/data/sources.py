@@ -127,12 +127,12 @@ def find_source(config: DataConfig) -> Source:
     if name in DATASETS and not path.exists():
         dataset = DATASETS[name]
         return Source(name, single_file(dataset_file(dataset, config.dir)).files, dataset=dataset)
-    if any(char in name for char in GLOB_CHARACTERS):
-        return glob_source(name, exclusions(config))
     if path.is_dir():
         return directory_source(path, exclusions(config))
-    if path.is_file():
+    if path.is_file():  # before the glob test: a file may have '[' or '*' in its name
         return single_file(path)
+    if any(char in name for char in GLOB_CHARACTERS):
+        return glob_source(name, exclusions(config))
     if "/" not in name and "." not in name:
         raise unknown_dataset(name)
     raise CharlmError(f"corpus file {path} not found; check the path or pass --data FILE")

@@ -18,6 +18,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,13 +123,16 @@ def started_server(checkpoint: str | None, clients: int) -> tuple[subprocess.Pop
     """``charlm serve`` on a free loopback port with a slot for every client; its process and address."""
     command = [sys.executable, "-m", "charlm", "serve", checkpoint or "pretrained", "--port", "0",
                "--max-slots", str(clients), "--max-waiting", str(clients)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody reads would block the server once full
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     ready = select.select([server.stdout], [], [], START_TIMEOUT)[0]
     line = server.stdout.readline() if ready else ""
     if not line.startswith("charlm serve: http://"):
         server.kill()
-        raise CharlmError(f"the server did not start: {line.strip() or server.stderr.read().strip()[-300:]}")
+        server.wait()
+        errors.seek(0)
+        raise CharlmError(f"the server did not start: {line.strip() or errors.read().strip()[-300:]}")
     return server, line.split()[2]
 
 
