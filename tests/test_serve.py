@@ -273,7 +273,8 @@ def test_a_client_that_goes_away_frees_its_slot_at_once(pretrained):
             with httpx.Client(base_url=url, timeout=TIMEOUT) as leaving:
                 if streamed:
                     with leaving.stream("POST", "/v1/generate", json={"length": 5000, "stream": True}) as reply:
-                        next(reply.iter_lines())
+                        lines = reply.iter_lines()  # held: a dropped iterator closes the connection (httpcore)
+                        next(lines)
                         assert load() == 1
                 else:  # the client gives up waiting for the JSON reply after a second
                     timeouts = []
