@@ -11,7 +11,8 @@ docs/BENCHMARKS.md): both libraries share ``@``, slicing, ``+``, ``*`` and
 - the embedding is folded into the first layer's input product: a table with
   one row per character (embedding times input weights, plus the input bias),
   so that product is a row lookup;
-- the matrices are transposed (``x @ w``), which BLAS reads in place;
+- the matrices are transposed (``x @ w``) and stored so, row by row: read through a transposed
+  view, a 16-row product took 1.6-2.5 times as long on an Intel Xeon (docs/BENCHMARKS.md);
 - rows that feed a sigmoid are pre-scaled by 0.5 (exact in floating point), so
   one ``tanh`` over all the gates gives every sigmoid as 0.5 * tanh + 0.5, and
   an LSTM's gates are reordered (i, f, o, g) so the three sigmoids are adjacent;
@@ -53,7 +54,7 @@ class InferenceWeights:
     head_bias: Array
 
     def to_numpy(self) -> InferenceWeights:
-        """The same bundle as fp32 numpy arrays on the CPU (transposed matrices stay transposed views)."""
+        """The same bundle as fp32 numpy arrays on the CPU (sharing the tensors' memory where it can)."""
         return replace(self, input_table=as_array(self.input_table), head_t=as_array(self.head_t),
                        head_bias=as_array(self.head_bias),
                        layers=[LayerWeights(*(as_array(getattr(layer, f.name)) for f in fields(layer))) for layer in self.layers])
@@ -88,8 +89,9 @@ def inference_weights(model: CharRNN) -> InferenceWeights:
         weight = getattr(rnn, f"{name}_l{layer}")[order]
         return weight * (scale[:, None] if weight.dim() == 2 else scale)
 
-    layers = [LayerWeights(laid_out("weight_ih", layer).t(), laid_out("bias_ih", layer),
-                           laid_out("weight_hh", layer).t(), laid_out("bias_hh", layer)) for layer in range(model.config.layers)]
+    layers = [LayerWeights(laid_out("weight_ih", layer).t().contiguous(), laid_out("bias_ih", layer),
+                           laid_out("weight_hh", layer).t().contiguous(), laid_out("bias_hh", layer))
+              for layer in range(model.config.layers)]
     first = layers[0]
     input_table = model.embedding.weight @ first.input_t + first.input_bias
     layers[0] = replace(first, input_t=None, input_bias=None)
