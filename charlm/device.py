@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from functools import cache
+from typing import Callable
 
 import torch
 
@@ -59,19 +60,20 @@ def cpu_bf16_pays() -> bool:
     if not cpu_has_native_bf16():
         return False
     a, b = torch.randn(256, 1024), torch.randn(1024, 2048)
-    bf16_seconds, fp32_seconds = fastest_products([(a.bfloat16(), b.bfloat16()), (a, b)])
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    bf16_seconds, fp32_seconds = fastest([lambda: a16 @ b16, lambda: a @ b])
     return bf16_seconds * BF16_MARGIN < fp32_seconds
 
 
-def fastest_products(pairs: list[tuple[torch.Tensor, torch.Tensor]], repeats: int = 7) -> list[float]:
-    """Each pair's fastest product, the pairs taken in turn so that a change of load hits them alike."""
-    for a, b in pairs:
-        a @ b  # the first product picks and prepares the kernel
-    best = [float("inf")] * len(pairs)
+def fastest(calls: list[Callable[[], object]], repeats: int = 7) -> list[float]:
+    """Each call's fastest time in seconds, the calls taken in turn so that a change of load hits them alike."""
+    for call in calls:
+        call()  # the first call picks and prepares its kernels
+    best = [float("inf")] * len(calls)
     for _ in range(repeats):
-        for i, (a, b) in enumerate(pairs):
+        for i, call in enumerate(calls):
             start = time.perf_counter()
-            a @ b
+            call()
             best[i] = min(best[i], time.perf_counter() - start)
     return best
 

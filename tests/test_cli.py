@@ -178,7 +178,7 @@ def test_bf16_refused_on_a_cpu_without_it_and_fp16_off_cuda(cli, ascii_corpus, t
 def test_auto_takes_bf16_only_where_it_measures_clearly_faster(monkeypatch, bf16_seconds, expected):
     """A CPU with bf16 instructions can still run them slower than fp32 (an Intel VM without AMX did)."""
     monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(device_module, "fastest_products", lambda pairs: [bf16_seconds, 1.0])
+    monkeypatch.setattr(device_module, "fastest", lambda calls: [bf16_seconds, 1.0])
     device_module.cpu_bf16_pays.cache_clear()
     try:
         assert device_module.resolve_precision("auto", torch.device("cpu")) == expected

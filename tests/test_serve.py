@@ -105,16 +105,18 @@ def test_a_byte_model_serves_whole_characters_as_the_library_gives_them(tiny_con
     assert any(ord(char) > 0x7F for char in served), "no multi-byte character was made: nothing was tested"
 
 
-def test_each_row_computes_the_same_bits_whatever_the_batch_and_its_place_in_it(pretrained):
+@pytest.mark.parametrize("library", ["numpy", "torch"])  # the engine takes the faster of the two here
+def test_each_row_computes_the_same_bits_whatever_the_batch_and_its_place_in_it(pretrained, library):
     """What the engine's blocks are for: a product's rows round differently with their number and
     place (the BLAS picks its kernel and thread split by size), so the batch is stepped in blocks of
     a fixed size; then a slot's logits are bit for bit the same with any other slots, in any row."""
     model, weights = pretrained.model, inference_weights(pretrained.model)
+    block_weights = weights.to_numpy() if library == "numpy" else weights
     starts = [primed(model, pretrained.vocab.encode(f"ROMEO{'o' * i}:").tolist(), 1, weights) for i in range(40)]
 
     def logits(order: list[int]) -> dict[int, list[torch.Tensor]]:
         """Six greedy steps of the states ``order`` names, in that order of rows: each one's logits."""
-        blocks = Blocks(weights.to_numpy(), model, CPU_BLOCK)
+        blocks = Blocks(block_weights, model, CPU_BLOCK)
         blocks.fit(len(order))
         for row, start in enumerate(order):
             blocks.put(row, *starts[start])

@@ -16,10 +16,11 @@ splits the rows between threads by the product's size). So the batch is kept in 
 number of rows, each block goes through the model in product calls of its own, always of that
 shape, and a row rounds alike in any batch and at any place in its block; the rows a block holds
 beyond the active slots compute on stale or zero states and are ignored. On the CPU the blocks are
-``CPU_BLOCK`` rows stepped on numpy arrays: numpy's BLAS runs these products faster than PyTorch's
-here, and blocks of 4, 8 and 16 rows give every place the same bits on the 2-core test machine
-(docs/BENCHMARKS.md; a test checks it on the machine it runs on, tests/test_serve.py, so a BLAS
-that behaves otherwise is caught, not hidden). On a GPU the batch is one block of ``max_slots``
+``CPU_BLOCK`` rows, stepped on numpy arrays or on PyTorch tensors, whichever the engine measures
+faster as it starts (``numpy_steps_faster``: it differs from CPU to CPU); with either library,
+blocks of 16 rows gave every place the same bits on the 2-core test machines (docs/BENCHMARKS.md;
+a test checks both on the machine it runs on, tests/test_serve.py, so a BLAS that behaves
+otherwise is caught, not hidden). On a GPU the batch is one block of ``max_slots``
 rows: a step there costs about the same for any number of rows.
 """
 
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from ..data.vocab import Vocab
+from ..device import fastest
 from ..model.charrnn import CharRNN, Hidden
 from ..model.inference import Array, InferenceWeights, LayerState, Stepper, as_array, inference_weights, per_layer
 from ..sampling import CHUNK, RowSettings, SampleSettings, choose_rows, primed, prime_ids, steps_on_numpy
@@ -187,6 +189,26 @@ class Blocks:
         self.tokens = [tokens[start:start + self.size] for start in range(0, len(tokens), self.size)]
 
 
+def numpy_steps_faster(weights: InferenceWeights, model: CharRNN) -> bool:
+    """Whether a block steps faster on numpy's BLAS than on PyTorch's here, measured once (tens of ms).
+
+    Which is faster depends on the CPU: on an AMD EPYC a 64-row step took 3.0 ms on numpy (OpenBLAS)
+    and 5.3 ms on PyTorch, on an Intel Xeon a 16-row step 1.3-1.5 ms on numpy and 0.7-1.0 ms on
+    PyTorch (MKL; docs/BENCHMARKS.md). numpy is timed with PyTorch held to one thread, as the engine
+    would then run it, and PyTorch on its own threads.
+    """
+    blocks = {"numpy": Blocks(weights.to_numpy(), model, CPU_BLOCK), "torch": Blocks(weights, model, CPU_BLOCK)}
+    for each in blocks.values():
+        each.fit(CPU_BLOCK)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        numpy_seconds = fastest([blocks["numpy"].step])[0]
+    finally:
+        torch.set_num_threads(threads)
+    return numpy_seconds < fastest([blocks["torch"].step])[0]
+
+
 class Engine:
     """Serves many generation requests at once from one model, in one batch, on one thread.
 
@@ -196,9 +218,9 @@ class Engine:
     ``charlm serve`` runs it on the main thread, where PyTorch's CPU products ran up to twice as
     fast as on another thread (measured on the 2-core test machine, docs/BENCHMARKS.md).
 
-    On the CPU, PyTorch is held to one thread from here to ``stop``: the products run in numpy's
-    BLAS, which keeps its own threads, and two pools of threads waiting on the same cores made each
-    step three times slower (docs/BENCHMARKS.md); PyTorch is left only the small per-step choice.
+    Where the blocks step on numpy, PyTorch is held to one thread from here to ``stop``: numpy's
+    BLAS keeps its own threads, and two pools of threads waiting on the same cores made each step
+    three times slower (docs/BENCHMARKS.md); PyTorch is left only the small per-step choice.
     """
 
     def __init__(self, model: CharRNN, vocab: Vocab, max_slots: int = 64, max_waiting: int = 64, in_thread: bool = True):
@@ -207,10 +229,11 @@ class Engine:
         self.device = model.head.weight.device
         on_cpu = self.device.type == "cpu"
         weights = inference_weights(model)
-        self.blocks = Blocks(weights.to_numpy() if on_cpu else weights, model, CPU_BLOCK if on_cpu else max_slots)
         self.torch_threads = torch.get_num_threads()
-        if on_cpu:
+        if on_cpu and numpy_steps_faster(weights, model):
+            weights = weights.to_numpy()
             torch.set_num_threads(1)
+        self.blocks = Blocks(weights, model, CPU_BLOCK if on_cpu else max_slots)
         self.condition = threading.Condition()
         self.waiting: deque[Job] = deque()
         self.slots: list[Slot] = []
