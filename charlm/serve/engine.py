@@ -198,16 +198,16 @@ def numpy_steps_faster(weights: InferenceWeights, model: CharRNN) -> bool:
     PyTorch (MKL; docs/BENCHMARKS.md). numpy is timed with PyTorch held to one thread, as the engine
     would then run it, and PyTorch on its own threads.
     """
-    blocks = {"numpy": Blocks(weights.to_numpy(), model, CPU_BLOCK), "torch": Blocks(weights, model, CPU_BLOCK)}
-    for each in blocks.values():
-        each.fit(CPU_BLOCK)
+    on_numpy, on_torch = Blocks(weights.to_numpy(), model, CPU_BLOCK), Blocks(weights, model, CPU_BLOCK)
+    on_numpy.fit(CPU_BLOCK)
+    on_torch.fit(CPU_BLOCK)
     threads, numpy_seconds, torch_seconds = torch.get_num_threads(), float("inf"), float("inf")
     try:
         for _ in range(3):  # in turns, so that a change of load hits both alike
             torch.set_num_threads(1)
-            numpy_seconds = min(numpy_seconds, fastest([blocks["numpy"].step], 5)[0])
+            numpy_seconds = min(numpy_seconds, *fastest([on_numpy.step], 5))
             torch.set_num_threads(threads)
-            torch_seconds = min(torch_seconds, fastest([blocks["torch"].step], 5)[0])
+            torch_seconds = min(torch_seconds, *fastest([on_torch.step], 5))
     finally:
         torch.set_num_threads(threads)
     return numpy_seconds * NUMPY_MARGIN < torch_seconds
