@@ -25,6 +25,7 @@ except ImportError:
 
 from .config import Config, all_keys, bench_config, load_config
 from .errors import CharlmError
+from .serve.limits import MAX_SLOTS, MAX_WAITING, Limits
 
 app = typer.Typer(
     help="Train character-level RNN/LSTM/GRU language models, sample from them and evaluate them.",
@@ -304,16 +305,16 @@ def serve(
     checkpoint: Optional[str] = typer.Argument(None, help="run directory (uses best.pt), checkpoint file, or 'pretrained'", show_default="the bundled pretrained model"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface, reachable from other machines)"),
     port: int = typer.Option(8000, "--port", help="port to listen on; 0 picks a free one"),
-    max_slots: int = typer.Option(64, "--max-slots", help="requests generated at once, in one batch"),
-    max_waiting: int = typer.Option(64, "--max-waiting", help="requests that may wait for a slot; more get 503"),
-    queue_timeout: float = typer.Option(30.0, "--queue-timeout", help="seconds a request may wait for a slot before a 503"),
-    max_length: int = typer.Option(5000, "--max-length", help="characters one request may ask for"),
-    max_body_bytes: int = typer.Option(65536, "--max-body-bytes", help="largest request body"),
-    time_limit: float = typer.Option(120.0, "--time-limit", help="seconds a request may take, waiting included; then it ends with the text so far"),
+    max_slots: int = typer.Option(MAX_SLOTS, "--max-slots", help="requests generated at once, in one batch"),
+    max_waiting: int = typer.Option(MAX_WAITING, "--max-waiting", help="requests that may wait for a slot; more get 503"),
+    queue_timeout: float = typer.Option(Limits.queue_timeout, "--queue-timeout", help="seconds a request may wait for a slot before a 503"),
+    max_length: int = typer.Option(Limits.max_length, "--max-length", help="characters one request may ask for"),
+    max_body_bytes: int = typer.Option(Limits.max_body_bytes, "--max-body-bytes", help="largest request body"),
+    time_limit: float = typer.Option(Limits.time_limit, "--time-limit", help="seconds a request may take, waiting included; then it ends with the text so far"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|mps"),
 ) -> None:
     """Serve a model over HTTP: a playground page, JSON and streaming APIs, and the OpenAI completions API (needs: pip install "charlm[serve]")."""
-    from .serve.server import Limits, serve as serve_model
+    from .serve.server import serve as serve_model
 
     limits = Limits(max_length=max_length, max_body_bytes=max_body_bytes, time_limit=time_limit, queue_timeout=queue_timeout)
     stopped_by = serve_model(checkpoint, host, port, limits, max_slots, max_waiting, device,

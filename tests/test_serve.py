@@ -26,7 +26,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="the serve tests need the serve 
 
 from charlm.serve.app import create_app  # noqa: E402
 from charlm.serve.engine import CPU_BLOCK, Blocks, Engine  # noqa: E402
-from charlm.serve.server import Limits  # noqa: E402
+from charlm.serve.limits import MAX_SLOTS, MAX_WAITING, Limits  # noqa: E402
 
 TIMEOUT = 60
 ASKED = SampleSettings(length=300, temperature=0.8, seed=11)
@@ -136,7 +136,7 @@ def test_each_row_computes_the_same_bits_whatever_the_batch_and_its_place_in_it(
 
 
 @contextmanager
-def serving(pretrained, limits: Limits = Limits(), max_slots: int = 64, max_waiting: int = 64):
+def serving(pretrained, limits: Limits = Limits(), max_slots: int = MAX_SLOTS, max_waiting: int = MAX_WAITING):
     """The app under uvicorn in a thread on a free loopback port; yields its address."""
     engine = Engine(pretrained.model, pretrained.vocab, max_slots, max_waiting)
     app = create_app(engine, checkpoint_info("pretrained"), limits, "pretrained")

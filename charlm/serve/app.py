@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import CharlmError
 from ..sampling import SampleSettings
 from .engine import Engine, EngineBusy, Ending, Job
-from .server import Limits
+from .limits import Limits
 
 RETRY_AFTER_SECONDS = 1
 DISCONNECT_POLL_SECONDS = 0.25

@@ -43,6 +43,7 @@ from ..device import fastest
 from ..model.charrnn import CharRNN, Hidden
 from ..model.inference import Array, InferenceWeights, LayerState, Stepper, as_array, inference_weights, per_layer
 from ..sampling import CHUNK, RowSettings, SampleSettings, choose_rows, primed, prime_ids, steps_on_numpy
+from .limits import MAX_SLOTS, MAX_WAITING
 
 CPU_BLOCK = 16  # rows per block (per product call) on the CPU
 NUMPY_MARGIN = 1.15  # numpy must step a block this much faster than PyTorch to be chosen
@@ -227,7 +228,7 @@ class Engine:
     three times slower (docs/BENCHMARKS.md); PyTorch is left only the small per-step choice.
     """
 
-    def __init__(self, model: CharRNN, vocab: Vocab, max_slots: int = 64, max_waiting: int = 64, in_thread: bool = True):
+    def __init__(self, model: CharRNN, vocab: Vocab, max_slots: int = MAX_SLOTS, max_waiting: int = MAX_WAITING, in_thread: bool = True):
         self.model, self.vocab = model.eval(), vocab
         self.max_slots, self.max_waiting = max_slots, max_waiting
         self.device = model.head.weight.device

@@ -8,7 +8,6 @@ import signal
 import socket
 import threading
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,23 +15,9 @@ import torch
 from ..errors import CharlmError
 from ..model.checkpoint import PRETRAINED_NAME, load_model
 from ..runinfo import checkpoint_info
+from .limits import MAX_SLOTS, MAX_WAITING, Limits
 
 GRACEFUL_SHUTDOWN_SECONDS = 2  # open streams get this long to end once a stop is asked for
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask and how long it may take; the slots and queue are the engine's."""
-
-    max_length: int = 5000  # characters one request may generate
-    max_body_bytes: int = 64 * 1024
-    time_limit: float = 120.0  # seconds a request may run, queue included; then it ends with what it has
-    queue_timeout: float = 30.0  # seconds a request may wait for a slot; then 503
-
-    def validate(self) -> None:
-        for name, value in vars(self).items():
-            if value <= 0:
-                raise CharlmError(f"--{name.replace('_', '-')} must be more than 0, got {value}")
 
 
 def require_serve_extra() -> None:
@@ -71,7 +56,7 @@ def model_name(checkpoint: str | None) -> str:
 
 
 def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
-          max_slots: int = 64, max_waiting: int = 64, device: str | torch.device = "auto",
+          max_slots: int = MAX_SLOTS, max_waiting: int = MAX_WAITING, device: str | torch.device = "auto",
           on_ready: Callable[[str], None] | None = None) -> str:
     """Serve a checkpoint (the bundled model by default) until Ctrl-C or SIGTERM; returns the signal's name.
 
@@ -90,7 +75,7 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 80
     loaded = load_model(checkpoint, resolve_device(device) if isinstance(device, str) else device)
     sock = bound_socket(host, port)
     engine = Engine(loaded.model, loaded.vocab, max_slots, max_waiting, in_thread=False)
-    app = create_app(engine, checkpoint_info(loaded.checkpoint["path"]), limits, model_name(checkpoint))
+    app = create_app(engine, checkpoint_info(loaded.checkpoint["path"], loaded.checkpoint), limits, model_name(checkpoint))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
     stopped_by: list[str] = []
 
