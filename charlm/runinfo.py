@@ -34,10 +34,11 @@ def vocabulary_preview(chars: str) -> str:
     return "".join(map(printable, chars[:PREVIEW_CHARS])) + (" ..." if len(chars) > PREVIEW_CHARS else "")
 
 
-def checkpoint_info(path: str | Path | None) -> dict[str, Any]:
-    """The facts ``charlm info`` shows about a checkpoint, a run directory (its best.pt) or the bundled model."""
+def checkpoint_info(path: str | Path | None, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The facts ``charlm info`` shows about a checkpoint, a run directory (its best.pt) or the bundled model;
+    ``payload`` is the checkpoint already loaded from ``path``, if it was (then it is not read again)."""
     resolved = resolve(path)
-    payload = load_checkpoint(resolved)
+    payload = payload if payload is not None else load_checkpoint(resolved)
     config = Config.from_dict(payload["config"], str(resolved))
     m, corpus, trained_on = config.model, payload.get("corpus") or {}, payload.get("trained_on") or {}
     return {
@@ -84,6 +85,6 @@ def list_runs(directory: str | Path = "runs") -> list[dict[str, Any]]:
     directory = Path(directory)
     if not directory.is_dir():
         raise CharlmError(f"{directory} is not a directory; give the folder that holds your runs (default: runs)")
-    runs = sorted({path.parent for name in (LAST, BEST, CONFIG) for path in directory.rglob(name)})
+    runs = sorted({path.parent for path in directory.rglob("*") if path.name in (LAST, BEST, CONFIG)})  # one walk
     summaries = [run_summary(run, directory) for run in runs]
     return sorted(summaries, key=lambda s: (s["best_val_loss"] is None, s["best_val_loss"] or 0.0, s["run"]))
