@@ -97,12 +97,12 @@ def read_folder(folder: Path) -> dict[str, Any]:
     st = safetensors_module()
     try:
         config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-        recorded = config["sha256"]
-        for name, digest in recorded.items():
-            if sha256_of_bytes((folder / name).read_bytes()) != digest:
+        contents = {name: (folder / name).read_bytes() for name in config["sha256"]}  # each file read once
+        for name, digest in config["sha256"].items():
+            if sha256_of_bytes(contents[name]) != digest:
                 raise CharlmError(f"{folder / name} was changed after export (its sha256 differs); export the model again")
-        vocab = json.loads((folder / VOCAB).read_text(encoding="utf-8"))
-        weights = st.load((folder / WEIGHTS).read_bytes())
+        vocab = json.loads(contents[VOCAB].decode("utf-8"))
+        weights = st.load(contents[WEIGHTS])
     except CharlmError:
         raise
     except FileNotFoundError as err:
