@@ -187,6 +187,20 @@ def test_two_launchers_meet_on_loopback_and_checkpoint_once(ascii_corpus, tmp_pa
                                                                    "samples.jsonl"]
 
 
+def test_a_lost_node_ends_the_other_in_one_line_and_leaves_a_checkpoint(ascii_corpus, tmp_path):
+    endpoint = f"127.0.0.1:{free_port()}"
+    launcher = ["--nnodes", 2, "--nproc-per-node", 1, "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "charlm-lost"]
+    nodes = [torchrun("train", "--data", ascii_corpus, *EXACT, "--max-steps", 100_000, "--train.checkpoint-interval", 5,
+                      "--out", tmp_path / "run", launcher=launcher) for _ in range(2)]
+    assert wait_for(lambda: (tmp_path / "run" / "last.pt").is_file() and all(workers(node) for node in nodes), TIMEOUT)
+    stop_all(nodes[1])
+    code, err = finished(nodes[0])
+    assert code != 0
+    lines = charlm_lines(err)
+    assert len(lines) == 1 and "lost contact with the other processes" in lines[0], err
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] >= 5
+
+
 @pytest.mark.parametrize("options, message", [
     (["--train.batch-size", 5], "train.batch_size 5 does not divide among 2 processes"),
     (["--train.backend", "nccl", "--device", "cpu"], "nccl needs CUDA GPUs"),
