@@ -52,7 +52,8 @@ class TrainConfig:
     seq_len: int = field(default=64, metadata={"help": "truncated-BPTT length in characters"})
     random_seq_len: bool = field(default=False, metadata={"help": "draw each batch's BPTT length at random around seq_len"})
     lr: float = field(default=4e-3, metadata={"help": "peak learning rate (AdamW)"})
-    min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine decay"})
+    min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the decay"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine|linear: how the learning rate decays from lr to min_lr after the warm-up"})
     weight_decay: float = field(default=0.25, metadata={"help": "AdamW weight decay on matrices"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
@@ -109,6 +110,7 @@ CHOICES = {
     "data.unit": ("char", "byte"),
     "model.cell": ("rnn", "lstm", "gru"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.schedule": ("cosine", "linear"),
     "train.backend": ("auto", "gloo", "nccl"),
 }
 

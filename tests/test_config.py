@@ -34,6 +34,8 @@ def test_wrong_type_and_bad_choice_are_clear():
         load_config(None, {"model.layers": "two"})
     with pytest.raises(CharlmError, match="rnn\\|lstm\\|gru"):
         load_config(None, {"model.cell": "transformer"})
+    with pytest.raises(CharlmError, match="cosine\\|linear"):
+        load_config(None, {"train.schedule": "step"})
     with pytest.raises(CharlmError, match="at least 1"):
         load_config(None, {"train.batch_size": 0})
 

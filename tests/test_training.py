@@ -15,6 +15,7 @@ from charlm.errors import CharlmError
 from charlm.model.charrnn import CharRNN
 from charlm.model.checkpoint import load_checkpoint
 from charlm.training.budget import Position, StopBudget
+from charlm.training.loop import learning_rate
 from tests.conftest import TINY_OPTIONS, charlm_process, wait_for
 
 
@@ -68,6 +69,19 @@ def test_budget_stops_at_the_tightest_limit_and_counts_evaluations_in_the_time_l
     budget.evaluated(2.0)
     # 50 s of training, 5 periodic evaluations of 2 s, and the final one reads 4x their windows
     assert budget.seconds_left(halfway) == pytest.approx(50.0 + 5 * 2.0 + 4 * 2.0)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor_by_either_schedule():
+    for schedule, halfway in (("cosine", 2.05e-3), ("linear", 2.05e-3)):
+        train = TrainConfig(lr=4e-3, min_lr=1e-4, warmup_steps=10, schedule=schedule)
+        assert learning_rate(train, 0, 0.0) == pytest.approx(4e-4)
+        assert learning_rate(train, 10, 0.0) == pytest.approx(4e-3)
+        assert learning_rate(train, 500, 0.5) == pytest.approx(halfway)
+        assert learning_rate(train, 1000, 1.0) == pytest.approx(1e-4)
+    # the cosine keeps more of the peak early on and less late: at a quarter and three quarters
+    cosine, linear = TrainConfig(schedule="cosine"), TrainConfig(schedule="linear")
+    assert learning_rate(cosine, 250, 0.25) > learning_rate(linear, 250, 0.25)
+    assert learning_rate(cosine, 750, 0.75) < learning_rate(linear, 750, 0.75)
 
 
 def test_non_finite_losses_are_skipped_then_stop_training(tmp_path, tiny_config, monkeypatch):

@@ -1,4 +1,4 @@
-"""The training loop: truncated BPTT over contiguous streams, AdamW, warm-up then cosine decay.
+"""The training loop: truncated BPTT over contiguous streams, AdamW, warm-up then cosine (or linear) decay.
 
 A ``Trainer`` is one sitting of a run: it trains from the state it was given (step 0, or a
 checkpoint's) until the stop budget is spent or a signal arrives, checkpointing into the run
@@ -72,12 +72,14 @@ class Reporter:
 
 
 def learning_rate(train: TrainConfig, step: int, progress: float | None) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr`` as progress goes 0 -> 1."""
+    """Linear warm-up over ``warmup_steps``, then cosine or linear decay to ``min_lr`` as progress goes 0 -> 1."""
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     if progress is None:
         return train.lr
-    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    done = min(progress, 1.0)
+    remaining = 1.0 - done if train.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+    return train.min_lr + (train.lr - train.min_lr) * remaining
 
 
 def optimizer_step(model: CharRNN, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
