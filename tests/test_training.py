@@ -72,11 +72,11 @@ def test_budget_stops_at_the_tightest_limit_and_counts_evaluations_in_the_time_l
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor_by_either_schedule():
-    for schedule, halfway in (("cosine", 2.05e-3), ("linear", 2.05e-3)):
+    for schedule in ("cosine", "linear"):
         train = TrainConfig(lr=4e-3, min_lr=1e-4, warmup_steps=10, schedule=schedule)
         assert learning_rate(train, 0, 0.0) == pytest.approx(4e-4)
         assert learning_rate(train, 10, 0.0) == pytest.approx(4e-3)
-        assert learning_rate(train, 500, 0.5) == pytest.approx(halfway)
+        assert learning_rate(train, 500, 0.5) == pytest.approx(2.05e-3)  # both pass the midpoint halfway
         assert learning_rate(train, 1000, 1.0) == pytest.approx(1e-4)
     # the cosine keeps more of the peak early on and less late: at a quarter and three quarters
     cosine, linear = TrainConfig(schedule="cosine"), TrainConfig(schedule="linear")
