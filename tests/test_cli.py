@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import threading
 from pathlib import Path
 
@@ -251,6 +252,28 @@ def test_export_makes_a_small_checkpoint_that_samples_the_same(cli, trained, tmp
     _, full_eval, _ = cli("eval", trained, "--json")
     _, small_eval, _ = cli("eval", tmp_path / "small.pt", "--json", "--data-dir", os.environ["CHARLM_DATA_DIR"])
     assert json.loads(small_eval)["loss"] == pytest.approx(json.loads(full_eval)["loss"], abs=2e-3)
+
+
+def test_an_export_leaves_the_trainers_own_paths_behind(cli, shakespeare, tmp_path, monkeypatch):
+    local_copy = tmp_path / "mine" / "shakespeare-copy.txt"
+    local_copy.parent.mkdir()
+    shutil.copy(shakespeare, local_copy)
+    code, _, err = cli("train", "--data", local_copy, "--data-dir", tmp_path / "my-cache", *TINY, "--max-steps", 2, "--out", tmp_path / "run")
+    assert code == 0, err
+    assert cli("export", tmp_path / "run", "--out", tmp_path / "small.pt")[0] == 0
+    exported = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert (exported["config"]["data"]["path"], exported["corpus"]["path"], exported["config"]["data"]["dir"]) == ("", "", "data")
+    assert exported["config"]["train"]["out"] == "runs/run"
+    shutil.rmtree(local_copy.parent)  # another machine: Tiny Shakespeare only in the reader's own cache
+    code, out, err = cli("eval", tmp_path / "small.pt", "--json")
+    assert code == 0, err
+    assert str(shakespeare) in json.loads(out)["data"]
+
+
+def test_an_export_keeps_the_path_of_a_corpus_of_ones_own(cli, trained, ascii_corpus, tmp_path):
+    assert cli("export", trained, "--out", tmp_path / "small.pt")[0] == 0
+    exported = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert exported["config"]["data"]["path"] == str(ascii_corpus)
 
 
 # ------------------------------------------------------------------ plots

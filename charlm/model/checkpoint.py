@@ -17,8 +17,9 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import __version__
-from ..config import Config, load_config
+from ..config import Config, DataConfig, load_config
 from ..data.corpus import Corpus, open_corpus
+from ..data.datasets import SHAKESPEARE_SHA256
 from ..data.vocab import Vocab, make_vocab
 from ..errors import CharlmError
 from ..files import atomic_write
@@ -172,9 +173,26 @@ def training_corpus(config: Config, checkpoint: dict[str, Any], name: str, remed
     return corpus.in_vocab(checkpoint_vocab(checkpoint), config.data.skip_unknown)
 
 
+def without_local_paths(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload as it should travel to another machine: Tiny Shakespeare read from a local copy
+    recorded as the default corpus (found in, or downloaded to, the reader's cache), the cache folder
+    as the default, and an absolute run folder as ``runs/<its name>``. A corpus of the user's own
+    keeps its path, so ``--data`` can point elsewhere when it is not there."""
+    config = {section: dict(values) for section, values in payload["config"].items()}
+    corpus = dict(payload.get("corpus") or {})
+    if corpus.get("sha256") == SHAKESPEARE_SHA256 and config["data"].get("unit", "char") == "char":
+        config["data"]["path"] = corpus["path"] = ""
+    config["data"]["dir"] = DataConfig().dir
+    out = Path(config["train"]["out"])
+    if out.is_absolute():
+        config["train"]["out"] = str(Path("runs") / out.name)
+    return {**payload, "config": config, "corpus": corpus or payload.get("corpus")}
+
+
 def export_for_inference(source: str | Path, dest: str | Path) -> Path:
-    """A small sampling-only checkpoint: fp16 weights, config and vocabulary; no optimizer or RNG state."""
-    payload = load_checkpoint(resolve(source))
+    """A small sampling-only checkpoint: fp16 weights, config and vocabulary; no optimizer or RNG
+    state, and none of the trainer's own paths (``without_local_paths``)."""
+    payload = without_local_paths(load_checkpoint(resolve(source)))
     slim = {key: payload.get(key) for key in ("config", "vocab", "step", "best_val_loss", "corpus", "init_from", "epochs", "trained_on")}
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
     return save_checkpoint(slim, dest)
