@@ -4,9 +4,10 @@ import json
 
 from charlm.model.checkpoint import PRETRAINED_PATH
 
-# The shipped model measures 1.3689 (docs/RESULTS.md); this leaves room for other CPUs' rounding
-# but fails if a model worse than the one before it (1.3880) is ever shipped.
-SHIPPED_VAL_LOSS = 1.375
+# The shipped model (v7) measures 1.3660 in fp32 and in bf16 (docs/RESULTS.md); this leaves room
+# for other CPUs' rounding but fails if a model no better than the one before it (v6, 1.3689) is
+# ever shipped.
+SHIPPED_VAL_LOSS = 1.3685
 
 
 def test_pretrained_is_small_and_samples_without_arguments(cli):
