@@ -265,11 +265,11 @@ def export(
     dtype: str = typer.Option("fp16", "--dtype", help="fp16|bf16|fp32: the stored weights' type (safetensors)"),
 ) -> None:
     """Write a small inference-only checkpoint (fp16 weights, no optimizer state) or a safetensors folder."""
-    from .model.checkpoint import export_for_inference, load_checkpoint, resolve, without_local_paths
+    from .model.checkpoint import export_for_inference, shareable_payload
 
     if export_format == "safetensors":
         from .model.export import export_folder
-        folder = export_folder(without_local_paths(load_checkpoint(resolve(checkpoint))), out, dtype)
+        folder = export_folder(shareable_payload(checkpoint), out, dtype)
         size = sum(path.stat().st_size for path in folder.iterdir())
         print(f"wrote {folder}/ ({size / 1e6:.1f} MB: {', '.join(sorted(path.name for path in folder.iterdir()))})")
         return

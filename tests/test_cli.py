@@ -254,7 +254,7 @@ def test_export_makes_a_small_checkpoint_that_samples_the_same(cli, trained, tmp
     assert json.loads(small_eval)["loss"] == pytest.approx(json.loads(full_eval)["loss"], abs=2e-3)
 
 
-def test_an_export_leaves_the_trainers_own_paths_behind(cli, shakespeare, tmp_path, monkeypatch):
+def test_an_export_leaves_the_trainers_own_paths_behind(cli, shakespeare, tmp_path):
     local_copy = tmp_path / "mine" / "shakespeare-copy.txt"
     local_copy.parent.mkdir()
     shutil.copy(shakespeare, local_copy)

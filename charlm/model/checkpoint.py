@@ -179,20 +179,25 @@ def without_local_paths(payload: dict[str, Any]) -> dict[str, Any]:
     as the default, and an absolute run folder as ``runs/<its name>``. A corpus of the user's own
     keeps its path, so ``--data`` can point elsewhere when it is not there."""
     config = {section: dict(values) for section, values in payload["config"].items()}
-    corpus = dict(payload.get("corpus") or {})
-    if corpus.get("sha256") == SHAKESPEARE_SHA256 and config["data"].get("unit", "char") == "char":
-        config["data"]["path"] = corpus["path"] = ""
+    corpus = payload.get("corpus")
+    if corpus and corpus.get("sha256") == SHAKESPEARE_SHA256 and config["data"].get("unit", "char") == "char":
+        config["data"]["path"], corpus = "", {**corpus, "path": ""}
     config["data"]["dir"] = DataConfig().dir
     out = Path(config["train"]["out"])
     if out.is_absolute():
         config["train"]["out"] = str(Path("runs") / out.name)
-    return {**payload, "config": config, "corpus": corpus or payload.get("corpus")}
+    return {**payload, "config": config, "corpus": corpus}
+
+
+def shareable_payload(source: str | Path) -> dict[str, Any]:
+    """What every export writes from: the checkpoint ``source`` names, ``without_local_paths``."""
+    return without_local_paths(load_checkpoint(resolve(source)))
 
 
 def export_for_inference(source: str | Path, dest: str | Path) -> Path:
     """A small sampling-only checkpoint: fp16 weights, config and vocabulary; no optimizer or RNG
-    state, and none of the trainer's own paths (``without_local_paths``)."""
-    payload = without_local_paths(load_checkpoint(resolve(source)))
+    state, and none of the trainer's own paths."""
+    payload = shareable_payload(source)
     slim = {key: payload.get(key) for key in ("config", "vocab", "step", "best_val_loss", "corpus", "init_from", "epochs", "trained_on")}
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
     return save_checkpoint(slim, dest)
