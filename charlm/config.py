@@ -38,9 +38,9 @@ class ModelConfig:
     layers: int = field(default=2, metadata={"help": "number of stacked recurrent layers"})
     hidden_size: int = field(default=384, metadata={"help": "units per recurrent layer"})
     embedding_size: int = field(default=384, metadata={"help": "character embedding size (set equal to hidden_size to tie weights without a projection)"})
-    dropout: float = field(default=0.2, metadata={"help": "dropout between recurrent layers"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout between recurrent layers"})
     embedding_dropout: float = field(default=0.0, metadata={"help": "dropout on the character embeddings"})
-    output_dropout: float = field(default=0.2, metadata={"help": "dropout on the last layer's output, before the softmax"})
+    output_dropout: float = field(default=0.1, metadata={"help": "dropout on the last layer's output, before the softmax"})
     weight_drop: float = field(default=0.1, metadata={"help": "DropConnect on hidden-to-hidden weights (keeps fused kernels)"})
     tie_weights: bool = field(default=True, metadata={"help": "share the embedding matrix with the output layer"})
 
