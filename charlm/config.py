@@ -69,6 +69,7 @@ class TrainConfig:
     seed: int = field(default=1337, metadata={"help": "random seed for weights, dropout and data order"})
     device: str = field(default="auto", metadata={"help": "auto|cpu|cuda|cuda:N|mps (auto picks CUDA when present)"})
     precision: str = field(default="auto", metadata={"help": "auto|fp32|bf16|fp16 (auto: bf16 autocast on a CPU that has it, else fp32; fp16 with a gradient scaler on CUDA)"})
+    average_last: float = field(default=0.0, metadata={"help": "average the weights over this last fraction of the run (SWA: one equal share a step), and evaluate and save the average; 0: off, 1: the whole run"})
     max_bad_steps: int = field(default=10, metadata={"help": "stop after this many consecutive non-finite losses"})
     threads: int = field(default=0, metadata={"help": "CPU threads per process (0: PyTorch's default alone, the cores shared among the processes under torchrun)"})
     tensorboard: bool = field(default=False, metadata={"help": "also log the scalars and samples for TensorBoard, into RUN/tensorboard (needs: pip install 'charlm[tensorboard]')"})
@@ -249,6 +250,10 @@ def validate(config: Config) -> None:
         if getattr(t, key) < 0:
             raise CharlmError(f"config key 'train.{key}' must not be negative, got {getattr(t, key)}")
     parse_duration(t.max_time)
+    if not 0.0 <= t.average_last <= 1.0:
+        raise CharlmError(f"config key 'train.average_last' must be between 0 and 1, got {t.average_last}")
+    if t.average_last and not (t.max_steps or t.max_epochs or parse_duration(t.max_time)):
+        raise CharlmError("--train.average-last needs a run of known length: set --train.max-steps, --train.max-epochs or --train.max-time")
 
 
 def parse_duration(text: str) -> float | None:

@@ -150,6 +150,9 @@ def test_bad_config_input(cli, ascii_corpus, tmp_path):
     one_line_error(*cli("train", "-c", typed)[::2], "train.batch_size", "int")
     one_line_error(*cli("train", "--model.layers", "two")[::2], "--model.layers", "integer")
     one_line_error(*cli("train", "-c", tmp_path / "nope.toml")[::2], "not found")
+    one_line_error(*cli("train", "--data", ascii_corpus, "--train.average-last", "1.5")[::2], "train.average_last", "between 0 and 1")
+    one_line_error(*cli("train", "--data", ascii_corpus, "--max-time", "", "--train.average-last", "0.5")[::2],
+                   "--train.average-last needs a run of known length")
 
 
 def test_unwritable_output_and_bad_resume(cli, ascii_corpus, tmp_path):

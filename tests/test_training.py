@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import charlm
 from charlm.config import TrainConfig
 from charlm.errors import CharlmError
 from charlm.model.charrnn import CharRNN
-from charlm.model.checkpoint import load_checkpoint
+from charlm.model.checkpoint import load_checkpoint, load_model
 from charlm.training.budget import Position, StopBudget
 from charlm.training.loop import learning_rate
 from tests.conftest import TINY_OPTIONS, charlm_process, wait_for
@@ -162,3 +163,40 @@ def test_signals_save_and_explain_how_to_resume(tmp_path, ascii_corpus, sig, cod
     assert "Traceback" not in err
     assert f"charlm train --resume {run}" in err
     assert load_checkpoint(run / "last.pt")["step"] > 0
+
+
+class InterruptAt(charlm.training.loop.Reporter):
+    """Sends this process SIGINT when training reports step ``step``, as Ctrl-C would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def progress(self, step, total, metrics, seconds_left):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_weight_averaging_saves_the_average_and_resumes_bit_identically(tmp_path, tiny_config):
+    """--train.average-last: the last half's steps averaged, the average evaluated and saved, and an
+    interrupted run resumed to the very average and raw weights of an uninterrupted one."""
+    keys = {"train.max_steps": 20, "train.average_last": 0.5, "train.precision": "fp32", "train.checkpoint_interval": 100}
+    reference = charlm.train(tiny_config("reference", **keys))
+    saved = load_checkpoint(tmp_path / "reference" / "last.pt")
+    assert saved["averaged_steps"] == 11  # steps 10 to 20
+    assert any(not torch.equal(saved["model"][k], saved["training_model"][k]) for k in saved["model"])
+    loaded = load_model(tmp_path / "reference" / "last.pt")
+    averaged = charlm.evaluate(loaded).result.loss
+    loaded.model.load_state_dict(saved["training_model"])
+    raw = charlm.evaluate(loaded).result.loss
+    assert abs(averaged - reference.final.loss) < 1e-4 < abs(raw - reference.final.loss)  # the run reported the average's loss
+
+    with pytest.raises(charlm.training.loop.TrainingInterrupted):
+        charlm.train(tiny_config("victim", **keys), reporter=InterruptAt(15))
+    assert load_checkpoint(tmp_path / "victim" / "last.pt")["averaged_steps"] == 6
+    charlm.resume(tmp_path / "victim")
+    resumed = load_checkpoint(tmp_path / "victim" / "last.pt")
+    assert resumed["averaged_steps"] == 11
+    for part in ("model", "training_model"):
+        for key, tensor in saved[part].items():
+            assert torch.equal(tensor, resumed[part][key]), (part, key)
+

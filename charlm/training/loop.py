@@ -25,6 +25,7 @@ from ..evaluation import EvalResult, mean_loss
 from ..model.charrnn import CharRNN, map_hidden, sequence_loss
 from ..model.checkpoint import save_checkpoint
 from ..sampling import SampleSettings, generate
+from .averaging import WeightAverage
 from .budget import STOP_REASONS, Position, StopBudget
 from .distributed import SINGLE_PROCESS, Job
 from .metrics import MetricsWriter
@@ -166,6 +167,7 @@ class Trainer:
         rank 0 reports, writes metrics and saves; every rank trains its own streams."""
         self.setup, self.config, self.run_dir, self.job = setup, setup.config, run, setup.job
         self.model, self.optimizer, self.batcher = setup.model, setup.optimizer, setup.batcher
+        self.averaging = WeightAverage(self.model, self.config.train.average_last)  # copies the model: before DDP wraps it
         self.forward = distributed_model(self.model, self.job)
         self.reporter = reporter if reporter is not None and self.job.is_main else Reporter()
         self.metrics = MetricsWriter(run.path, enabled=self.job.is_main, tensorboard=self.config.train.tensorboard)
@@ -191,7 +193,7 @@ class Trainer:
         return {
             "config": self.config.to_dict(),
             "vocab": self.setup.vocab.chars,
-            "model": self.model.state_dict(),
+            **self.averaging.state(self.model),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "elapsed": self.elapsed,
@@ -211,7 +213,7 @@ class Trainer:
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from ``checkpoint``: this rank's rows of its streams' hidden states and, where the
         job has the shape that saved it, this rank's RNG state (else rank 0's: every rank's is alike)."""
-        self.model.load_state_dict(checkpoint["model"])
+        self.averaging.restore(self.model, checkpoint)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.setup.scaler is not None and checkpoint.get("scaler"):
             self.setup.scaler.load_state_dict(checkpoint["scaler"])
@@ -304,6 +306,8 @@ class Trainer:
         if loss is not None:
             self.step += 1
         self.elapsed += time.perf_counter() - started
+        if loss is not None and self.averaging.update(self.model, self.budget.progress(self.position())):
+            self.reporter.note(f"step {self.step}: averaging the weights from here on (--train.average-last)")
         return loss, 0 if loss is None else targets.numel() * self.job.world_size
 
     def skipped(self, bad_steps: int) -> int:
@@ -331,7 +335,7 @@ class Trainer:
         is_best = False
         if self.job.is_main:
             started = time.perf_counter()
-            result = mean_loss(self.model, self.setup.val_data, self.setup.device, self.setup.precision,
+            result = mean_loss(self.evaluated_model, self.setup.val_data, self.setup.device, self.setup.precision,
                                max_batches=self.config.train.eval_batches)
             text = self.watch_sample()
             self.budget.evaluated(time.perf_counter() - started)  # the time left counts the sample too
@@ -346,7 +350,7 @@ class Trainer:
     def watch_sample(self) -> str:
         """A short sample from a fixed prime and seed, so a run's samples show what it learned step by step.
         It draws from a generator of its own: the run's random state, and so a resume, are untouched."""
-        text = generate(self.model, self.setup.vocab, "", SampleSettings(length=WATCH_SAMPLE_LENGTH, seed=WATCH_SAMPLE_SEED))[0]
+        text = generate(self.evaluated_model, self.setup.vocab, "", SampleSettings(length=WATCH_SAMPLE_LENGTH, seed=WATCH_SAMPLE_SEED))[0]
         self.model.train()
         return text
 
@@ -354,9 +358,14 @@ class Trainer:
         """The whole validation split, on rank 0; its figures on every rank."""
         final = EvalResult(0.0, 0)
         if self.job.is_main:
-            final = mean_loss(self.model, self.setup.val_data, self.setup.device, self.setup.precision)
+            final = mean_loss(self.evaluated_model, self.setup.val_data, self.setup.device, self.setup.precision)
             self.metrics.final(self.step, self.elapsed, final.loss)
         return EvalResult(self.job.from_main(final.loss, self.setup.device), int(self.job.from_main(final.chars, self.setup.device)))
+
+    @property
+    def evaluated_model(self) -> CharRNN:
+        """What evaluation, samples and checkpoints see: the weight average once it has begun."""
+        return self.averaging.model_to_use(self.model)
 
     def on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
@@ -380,6 +389,7 @@ class Trainer:
             "batch": f"{t.batch_size} streams x {t.seq_len} chars"
                      + (f", {t.batch_size // self.job.world_size} per process" if self.job.distributed else ""),
             "processes": f"{self.job.world_size} ({self.job.backend}, DistributedDataParallel)" if self.job.distributed else None,
+            "weight averaging": f"SWA over the last {t.average_last:.0%} of the run" if t.average_last else None,
             "resumed at step": self.step or None,
             "changed on resume": ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in self.changes.items()) or None,
         }
