@@ -162,6 +162,7 @@ def info_table(info: dict[str, Any]) -> Table:
         "corpus files": files_preview(info["corpus_files"]),
         "trained on": f"{known(info['device'])}, {known(info['precision'])}, {info['world_size']} process(es)",
         "initialised from": info["init_from"],
+        "weights": f"the average of the last {info['averaged_steps']:,} steps (--train.average-last)" if info["averaged_steps"] else None,
         "versions": f"charlm {known(info['charlm_version'])}, PyTorch {known(info['torch_version'])}, "
                     f"checkpoint format {info['format_version']}",
     }

@@ -53,6 +53,7 @@ def checkpoint_info(path: str | Path | None, payload: dict[str, Any] | None = No
         "world_size": (payload.get("job") or {}).get("world_size", 1),
         "torch_version": payload.get("torch_version"), "charlm_version": payload.get("charlm_version"),
         "format_version": payload["version"], "init_from": payload.get("init_from"),
+        "averaged_steps": payload.get("averaged_steps") or 0,
     }
 
 

@@ -14,7 +14,8 @@ import charlm
 from charlm.config import TrainConfig
 from charlm.errors import CharlmError
 from charlm.model.charrnn import CharRNN
-from charlm.model.checkpoint import load_checkpoint, load_model
+from charlm.model.checkpoint import export_for_inference, load_checkpoint, load_model
+from charlm.runinfo import checkpoint_info
 from charlm.training.budget import Position, StopBudget
 from charlm.training.loop import learning_rate
 from tests.conftest import TINY_OPTIONS, charlm_process, wait_for
@@ -189,6 +190,8 @@ def test_weight_averaging_saves_the_average_and_resumes_bit_identically(tmp_path
     loaded.model.load_state_dict(saved["training_model"])
     raw = charlm.evaluate(loaded).result.loss
     assert abs(averaged - reference.final.loss) < 1e-4 < abs(raw - reference.final.loss)  # the run reported the average's loss
+    slim = load_checkpoint(export_for_inference(tmp_path / "reference" / "last.pt", tmp_path / "slim.pt"))
+    assert "training_model" not in slim and checkpoint_info(tmp_path / "slim.pt", slim)["averaged_steps"] == 11
 
     with pytest.raises(charlm.training.loop.TrainingInterrupted):
         charlm.train(tiny_config("victim", **keys), reporter=InterruptAt(15))

@@ -198,6 +198,6 @@ def export_for_inference(source: str | Path, dest: str | Path) -> Path:
     """A small sampling-only checkpoint: fp16 weights, config and vocabulary; no optimizer or RNG
     state, and none of the trainer's own paths."""
     payload = shareable_payload(source)
-    slim = {key: payload.get(key) for key in ("config", "vocab", "step", "best_val_loss", "corpus", "init_from", "epochs", "trained_on")}
+    slim = {key: payload.get(key) for key in ("config", "vocab", "step", "best_val_loss", "corpus", "init_from", "epochs", "trained_on", "averaged_steps")}
     slim["model"] = {k: v.half() if v.is_floating_point() else v for k, v in payload["model"].items()}
     return save_checkpoint(slim, dest)
