@@ -1,9 +1,9 @@
 """Stochastic weight averaging (SWA) over the last part of a run.
 
 An equal average of the weights after every step of the run's last ``train.average_last``
-fraction (by the tightest of its step, epoch and time budgets) tends to generalise better than
-the weights of any one step, most of all for a fine-tune at a constant learning rate from a
-trained model (docs/RESULTS.md has the measurements). Once averaging
+fraction (by the tightest of its step, epoch and time budgets) can generalise better than the
+weights of any one step, above all after a fine-tune at a constant learning rate from a trained
+model (docs/RESULTS.md has what it gained here). Once averaging
 has begun, the average is what the run evaluates, samples from and saves as its checkpoints'
 ``model``; the raw weights, which go on training, are saved beside it for a resume.
 """
