@@ -21,11 +21,7 @@ class WeightAverage:
     def __init__(self, model: CharRNN, last_fraction: float):
         self.last_fraction = last_fraction
         self.average = AveragedModel(model) if last_fraction > 0 else None
-
-    @property
-    def count(self) -> int:
-        """Steps averaged so far (0: not begun, or off)."""
-        return int(self.average.n_averaged) if self.average is not None else 0
+        self.count = 0  # steps averaged so far (0: not begun, or off), kept here so a GPU is never waited for
 
     def update(self, model: CharRNN, progress: float | None) -> bool:
         """Average in the weights after a step; True at the step that begins the average.
@@ -34,9 +30,12 @@ class WeightAverage:
         if self.average is None or progress is None:
             return False
         if progress < 1.0 - self.last_fraction:
-            self.average.n_averaged.zero_()
+            if self.count:
+                self.average.n_averaged.zero_()
+                self.count = 0
             return False
         self.average.update_parameters(model)
+        self.count += 1
         return self.count == 1
 
     def model_to_use(self, model: CharRNN) -> CharRNN:
@@ -55,4 +54,5 @@ class WeightAverage:
         model.load_state_dict(raw if raw is not None else checkpoint["model"])
         if self.average is not None and checkpoint.get("averaged_steps"):
             self.average.module.load_state_dict(checkpoint["model"])
-            self.average.n_averaged.fill_(int(checkpoint["averaged_steps"]))
+            self.count = int(checkpoint["averaged_steps"])
+            self.average.n_averaged.fill_(self.count)
