@@ -249,10 +249,10 @@ def validate(config: Config) -> None:
     for key in ("max_steps", "max_epochs", "warmup_steps", "grad_clip", "weight_decay"):
         if getattr(t, key) < 0:
             raise CharlmError(f"config key 'train.{key}' must not be negative, got {getattr(t, key)}")
-    parse_duration(t.max_time)
+    max_time = parse_duration(t.max_time)
     if not 0.0 <= t.average_last <= 1.0:
         raise CharlmError(f"config key 'train.average_last' must be between 0 and 1, got {t.average_last}")
-    if t.average_last and not (t.max_steps or t.max_epochs or parse_duration(t.max_time)):
+    if t.average_last and not (t.max_steps or t.max_epochs or max_time):
         raise CharlmError("--train.average-last needs a run of known length: set --train.max-steps, --train.max-epochs or --train.max-time")
 
 

@@ -202,4 +202,3 @@ def test_weight_averaging_saves_the_average_and_resumes_bit_identically(tmp_path
     for part in ("model", "training_model"):
         for key, tensor in saved[part].items():
             assert torch.equal(tensor, resumed[part][key]), (part, key)
-

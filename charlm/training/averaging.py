@@ -3,9 +3,10 @@
 An equal average of the weights after every step of the run's last ``train.average_last``
 fraction (by the tightest of its step, epoch and time budgets) can generalise better than the
 weights of any one step, above all after a fine-tune at a constant learning rate from a trained
-model (docs/RESULTS.md has what it gained here). Once averaging
-has begun, the average is what the run evaluates, samples from and saves as its checkpoints'
-``model``; the raw weights, which go on training, are saved beside it for a resume.
+model (docs/RESULTS.md has what it gained here). Once averaging has begun, the average is what
+the run evaluates, samples from and saves as its checkpoints' ``model``; the raw weights, which
+go on training, are saved beside it for a resume. ``validate`` makes sure such a run has a budget,
+so its progress is always known.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ class WeightAverage:
         self.count = 0  # steps averaged so far (0: not begun, or off), kept here so a GPU is never waited for
 
     def update(self, model: CharRNN, progress: float | None) -> bool:
-        """Average in the weights after a step; True at the step that begins the average.
+        """Average in the weights after a step (``progress``: the run's, None only when averaging is
+        off); True at the step that begins the average.
 
         Before the window (a resume that lengthened the run moves it later) the average starts over."""
-        if self.average is None or progress is None:
+        if self.average is None:
             return False
         if progress < 1.0 - self.last_fraction:
             if self.count:
