@@ -45,6 +45,21 @@ def test_tied_weights_share_the_embedding():
     assert logits.shape == (2, 5, 30)
 
 
+def test_forget_bias_opens_only_the_forget_gates():
+    size = 16
+    torch.manual_seed(0)
+    plain = CharRNN(10, ModelConfig(layers=2, hidden_size=size, embedding_size=size, forget_bias=0.0))
+    torch.manual_seed(0)
+    opened = CharRNN(10, ModelConfig(layers=2, hidden_size=size, embedding_size=size, forget_bias=1.0))
+    forget = slice(size, 2 * size)
+    for layer in range(2):
+        total = getattr(opened.rnn, f"bias_ih_l{layer}") + getattr(opened.rnn, f"bias_hh_l{layer}")
+        assert torch.equal(total[forget], torch.ones(size))
+        for name in (f"bias_ih_l{layer}", f"bias_hh_l{layer}"):
+            kept, changed = getattr(plain.rnn, name), getattr(opened.rnn, name)
+            assert torch.equal(torch.cat([kept[:size], kept[2 * size:]]), torch.cat([changed[:size], changed[2 * size:]]))
+
+
 def test_weight_drop_masks_then_restores_and_masks_the_gradient():
     torch.manual_seed(0)
     model = CharRNN(10, ModelConfig(layers=1, hidden_size=16, embedding_size=8, weight_drop=0.5)).train()

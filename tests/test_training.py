@@ -180,7 +180,7 @@ class InterruptAt(charlm.training.loop.Reporter):
 def test_weight_averaging_saves_the_average_and_resumes_bit_identically(tmp_path, tiny_config):
     """--train.average-last: the last half's steps averaged, the average evaluated and saved, and an
     interrupted run resumed to the very average and raw weights of an uninterrupted one."""
-    keys = {"train.max_steps": 20, "train.average_last": 0.5, "train.precision": "fp32", "train.checkpoint_interval": 100}
+    keys = {"train.max_steps": 20, "train.average_last": 0.5, "train.checkpoint_interval": 100}  # precision auto, as charlm.evaluate
     reference = charlm.train(tiny_config("reference", **keys))
     saved = load_checkpoint(tmp_path / "reference" / "last.pt")
     assert saved["averaged_steps"] == 11  # steps 10 to 20

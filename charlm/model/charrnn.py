@@ -41,6 +41,20 @@ class CharRNN(nn.Module):
         if config.tie_weights:
             self.head.weight = self.embedding.weight
         nn.init.normal_(self.embedding.weight, std=0.1 if config.tie_weights else 1.0)
+        if config.cell == "lstm" and config.forget_bias:
+            self.set_forget_bias(config.forget_bias)
+
+    def set_forget_bias(self, value: float) -> None:
+        """Forget gates that start open keep the cell's memory early in training (Jozefowicz et al., 2015).
+
+        PyTorch orders an LSTM's gate blocks input, forget, cell, output; the two bias vectors add up,
+        so the input-side block takes the value and the hidden-side block starts at zero.
+        """
+        size = self.config.hidden_size
+        with torch.no_grad():
+            for layer in range(self.config.layers):
+                getattr(self.rnn, f"bias_ih_l{layer}")[size:2 * size].fill_(value)
+                getattr(self.rnn, f"bias_hh_l{layer}")[size:2 * size].zero_()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
