@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import os
 import re
 import tomllib
@@ -158,7 +159,10 @@ def coerce(key: str, kind: type, value: Any, source: str) -> Any:
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise CharlmError(f"config key '{key}' in {source} must be a finite number, got {value!r}")
+            return number
         if kind is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
@@ -240,9 +244,11 @@ def validate(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise CharlmError(f"config key '{key}' must be at least 1, got {value}")
-    for key in ("dropout", "embedding_dropout", "output_dropout", "weight_drop"):
-        if not 0.0 <= getattr(m, key) < 1.0:
-            raise CharlmError(f"config key 'model.{key}' must be in [0, 1), got {getattr(m, key)}")
+    in_unit_interval = {f"model.{key}": getattr(m, key) for key in ("dropout", "embedding_dropout", "output_dropout", "weight_drop")}
+    in_unit_interval |= {"train.beta1": t.beta1, "train.beta2": t.beta2}
+    for key, value in in_unit_interval.items():
+        if not 0.0 <= value < 1.0:
+            raise CharlmError(f"config key '{key}' must be in [0, 1), got {value}")
     if not 0.0 < d.val_fraction < 1.0:
         raise CharlmError(f"config key 'data.val_fraction' must be between 0 and 1, got {d.val_fraction}")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:

@@ -149,6 +149,11 @@ def test_bad_config_input(cli, ascii_corpus, tmp_path):
     typed.write_text('[train]\nbatch_size = "many"\n')
     one_line_error(*cli("train", "-c", typed)[::2], "train.batch_size", "int")
     one_line_error(*cli("train", "--model.layers", "two")[::2], "--model.layers", "integer")
+    one_line_error(*cli("train", "--data", ascii_corpus, "--train.lr", "nan")[::2], "train.lr", "finite number")
+    endless = tmp_path / "endless.toml"
+    endless.write_text("[model]\nforget_bias = inf\n")
+    one_line_error(*cli("train", "-c", endless)[::2], "model.forget_bias", "finite number")
+    one_line_error(*cli("train", "--data", ascii_corpus, "--train.beta2", "1")[::2], "train.beta2", "[0, 1)")
     one_line_error(*cli("train", "-c", tmp_path / "nope.toml")[::2], "not found")
     one_line_error(*cli("train", "--data", ascii_corpus, "--train.average-last", "1.5")[::2], "train.average_last", "between 0 and 1")
     one_line_error(*cli("train", "--data", ascii_corpus, "--max-time", "", "--train.average-last", "0.5")[::2],
