@@ -42,7 +42,7 @@ class DynamicSettings:
     epsilon: float = 1e-8
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.decay < 0 or self.segment < 1 or not 0 < self.beta < 1:
+        if not (0 < self.lr < math.inf and 0 <= self.decay < math.inf and self.segment >= 1 and 0 < self.beta < 1):
             raise CharlmError("dynamic evaluation needs --dynamic-lr > 0, --dynamic-decay >= 0 and --dynamic-segment >= 1")
 
 

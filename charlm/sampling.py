@@ -13,6 +13,7 @@ grows with the length; ``generate`` collects it. Both refuse up front a batch
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -47,8 +48,8 @@ class SampleSettings:
     def validate(self) -> None:
         if self.length < 0:
             raise CharlmError(f"--length must be 0 or more, got {self.length}")
-        if self.temperature < 0:
-            raise CharlmError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise CharlmError(f"--temperature must be a finite number, 0 (greedy) or more, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise CharlmError(f"--top-k must be at least 1, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:

@@ -110,6 +110,7 @@ def test_validation_split_too_small(cli, ascii_corpus):
 def test_bad_sampling_options(cli, trained):
     one_line_error(*cli("sample", trained, "--prime", "xyz€")[::2], "'€'")
     one_line_error(*cli("sample", trained, "--temperature", "-1")[::2], "temperature")
+    one_line_error(*cli("sample", trained, "--temperature", "nan")[::2], "temperature", "finite number")
     one_line_error(*cli("sample", trained, "--top-k", "0")[::2], "top-k")
     one_line_error(*cli("sample", trained, "--top-p", "0")[::2], "top-p")
     one_line_error(*cli("sample", trained, "--top-p", "1.5")[::2], "top-p")

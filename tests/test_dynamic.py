@@ -59,6 +59,7 @@ def test_eval_dynamic_through_the_cli(cli, run):
     assert dynamic["loss"] < static["loss"] and dynamic["dynamic"]["lr"] == 3e-3 and static["dynamic"] is None
     assert snapshot(run) == before  # the checkpoint on disk is never modified
     one_line_error(*cli("eval", run, "--dynamic", "--dynamic-lr", "-1")[::2], "--dynamic-lr")
+    one_line_error(*cli("eval", run, "--dynamic", "--dynamic-decay", "inf")[::2], "--dynamic-decay")  # refused before any work
 
 
 def test_sample_adapt_steers_the_text_and_repeats_for_a_seed(cli, run, tmp_path):

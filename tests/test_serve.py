@@ -327,7 +327,8 @@ def test_charlm_serve_prints_its_address_and_stops_cleanly_on_sigterm():
 
 
 def test_serve_refuses_bad_options_and_a_missing_extra_in_one_line(cli, monkeypatch):
-    one_line_error(*cli("serve", "--max-length", "0")[::2], "--max-length must be more than 0")
+    one_line_error(*cli("serve", "--max-length", "0")[::2], "--max-length must be a finite number more than 0")
+    one_line_error(*cli("serve", "--time-limit", "nan")[::2], "--time-limit must be a finite number")
     one_line_error(*cli("serve", "--max-slots", "0")[::2], "--max-slots must be at least 1")
     one_line_error(*cli("serve", "missing-run")[::2], "missing-run not found")
     monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)

@@ -3,6 +3,7 @@ the defaults of the library and of ``charlm serve``'s options (light to import: 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import CharlmError
@@ -22,5 +23,5 @@ class Limits:
 
     def validate(self) -> None:
         for name, value in vars(self).items():
-            if value <= 0:
-                raise CharlmError(f"--{name.replace('_', '-')} must be more than 0, got {value}")
+            if not 0 < value < math.inf:
+                raise CharlmError(f"--{name.replace('_', '-')} must be a finite number more than 0, got {value}")
