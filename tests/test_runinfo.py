@@ -63,4 +63,6 @@ def test_bad_input_is_one_line(cli, tmp_path):
     one_line_error(*cli("runs", tmp_path / "nowhere")[::2], "is not a directory")
     one_line_error(*cli("info", tmp_path / "missing.pt")[::2], "not found")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-    one_line_error(*cli("info", tmp_path / "junk.pt")[::2], "junk.pt")
+    code, _, err = cli("info", tmp_path / "junk.pt")
+    one_line_error(code, err, "junk.pt", "corrupted or not a checkpoint")
+    assert "could run code" not in err  # plain text is no pickle, so nothing in it was refused as code

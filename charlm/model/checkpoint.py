@@ -74,6 +74,16 @@ def resolve(path: str | Path | None) -> Path:
     return path
 
 
+def unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """The line of a safe-unpickler error that names what it met; PyTorch wraps it in a paragraph
+    about ``weights_only`` that does not apply to a file that is no pickle at all."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for before, line in zip(lines, lines[1:]):
+        if before.endswith("WeightsUnpickler error:"):
+            return line
+    return lines[0] if lines else type(err).__name__
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load safely onto the CPU (a file, or an export folder: ``model.export``); any problem becomes
     a one-line error naming the file."""
@@ -85,12 +95,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "GLOBAL" in str(err) or "allowlisted" in str(err):  # the safe unpickler met a class or function to call
             raise CharlmError(
                 f"refused to load {path}: it contains Python objects that could run code, so it is not a safe charlm checkpoint"
             ) from None
-        raise CharlmError(f"{path} is corrupted or not a checkpoint ({first})") from None
+        raise CharlmError(f"{path} is corrupted or not a checkpoint ({unpickler_reason(err)})") from None
     except IsADirectoryError:
         raise CharlmError(f"{path} is a directory, not a checkpoint file") from None
     except OSError as err:
