@@ -71,3 +71,6 @@ def test_sample_adapt_steers_the_text_and_repeats_for_a_seed(cli, run, tmp_path)
     assert cli("sample", run, "--length", 120, "--seed", 2, "--adapt", style)[1] == adapted
     style.write_text("Zebras quiz 42 jumbled vexing wolves " * 10)
     one_line_error(*cli("sample", run, "--adapt", style)[::2], "'Z'", "never saw", "remove them from the file")
+    code, _, err = cli("sample", run, "--adapt", tmp_path)
+    one_line_error(code, err, "is a directory", "give a text file")
+    assert "--data" not in err  # the option given was --adapt

@@ -56,9 +56,9 @@ def iter_text_chunks(path: Path, errors: str, advance: Callable[[int], object] =
     """Decode a UTF-8 file chunk by chunk, with one-line errors for bad input (``advance`` hears
     how many bytes each chunk was)."""
     if not path.exists():
-        raise CharlmError(f"corpus file {path} not found; check the path or pass --data FILE")
+        raise CharlmError(f"text file {path} not found; check the path")  # --data's own names are checked before (sources)
     if path.is_dir():
-        raise CharlmError(f"{path} is a directory; --data needs a text file")
+        raise CharlmError(f"{path} is a directory; give a text file")
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
     offset = 0
     with path.open("rb") as fh:
