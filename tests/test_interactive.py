@@ -99,7 +99,7 @@ def test_a_terminal_session_continues_primes_keeps_settings_and_ends_on_ctrl_d(p
     greedy = terminal.ask("JULIET:")
     assert greedy == terminal.ask("JULIET:") == continuation(pretrained, "JULIET:", length=40, temperature=0)
     assert ":top_p" in terminal.ask(":help")
-    assert terminal.ask(":temperature -1").startswith("error: --temperature must be 0")
+    assert terminal.ask(":temperature -1").startswith("error: --temperature must be a finite number, 0")
     assert terminal.ask("snow \u2603").startswith("error: the prime text has characters the model never saw")
     assert "temperature=0.0" in terminal.ask(":settings"), "a refused value changed the settings"
     terminal.type("\x04")  # Ctrl-D
@@ -129,9 +129,9 @@ def test_the_library_session_reads_lines_from_any_source(pretrained):
     out = io.StringIO()
     lines = iter(["::colon", ":length 3", ":top-k 1", "ab", ":quit", "never read"])
     run(Session(*pretrained, SampleSettings(length=10, seed=1), out), lambda: next(lines))
-    written = out.getvalue().splitlines()
-    assert written[0] == continuation(pretrained, ":colon", length=10, seed=1)
-    assert written[-1] == continuation(pretrained, "ab", length=3, top_k=1, seed=1)
+    written = out.getvalue()  # compared as text: a continuation may hold a newline of its own
+    assert written.startswith(continuation(pretrained, ":colon", length=10, seed=1))
+    assert written.rstrip("\n").endswith(continuation(pretrained, "ab", length=3, top_k=1, seed=1).rstrip("\n"))
     assert next(lines) == "never read"
 
 
