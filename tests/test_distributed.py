@@ -187,11 +187,15 @@ def test_two_launchers_meet_on_loopback_and_checkpoint_once(ascii_corpus, tmp_pa
                                                                    "samples.jsonl"]
 
 
-def test_a_lost_node_ends_the_other_in_one_line_and_leaves_a_checkpoint(ascii_corpus, tmp_path):
+@pytest.mark.parametrize("lost_hosts_the_store", [False, True], ids=["lost-node", "lost-store-host"])
+def test_a_lost_node_ends_the_other_in_one_line_and_leaves_a_checkpoint(ascii_corpus, tmp_path, lost_hosts_the_store):
+    """Whichever node is lost, the one hosting the rendezvous store (`is_host`) or not. Losing the host,
+    torchrun stops the survivor as it notices the loss too, and prints its own traceback beside our line."""
     endpoint = f"127.0.0.1:{free_port()}"
     launcher = ["--nnodes", 2, "--nproc-per-node", 1, "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "charlm-lost"]
     nodes = [torchrun("train", "--data", ascii_corpus, *EXACT, "--max-steps", 100_000, "--train.checkpoint-interval", 5,
-                      "--out", tmp_path / "run", launcher=launcher) for _ in range(2)]
+                      "--out", tmp_path / "run", launcher=[*launcher, "--rdzv-conf", f"is_host={int(hosts)}"])
+             for hosts in (not lost_hosts_the_store, lost_hosts_the_store)]
     assert wait_for(lambda: (tmp_path / "run" / "last.pt").is_file() and all(workers(node) for node in nodes), TIMEOUT)
     stop_all(nodes[1])
     code, err = finished(nodes[0])

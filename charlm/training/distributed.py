@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -140,7 +141,8 @@ class Job:
             raise self.failure(f"lost contact with the other processes ({reason}); last.pt holds the last checkpoint, "
                                "and torchrun --max-restarts=K restarts the job from it") from None
         finally:
-            self.stop()
+            with stop_signals(lambda signum, frame: None):  # dropped: the job is ending anyway
+                self.stop()
 
     def failure(self, message: str) -> CharlmError:
         """An error of this rank's, worded so that every rank that meets one reports it."""
@@ -216,6 +218,24 @@ def job_from_environment() -> Job:
                    restart=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)), run_id=env.get("TORCHELASTIC_RUN_ID"))
     except ValueError:
         raise CharlmError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers: start charlm with torchrun") from None
+
+
+@contextmanager
+def stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to ``handler`` for the block (from the main thread only). Leaving the
+    process group holds them off: a rank that lost a peer is told to stop by torchrun as it notices the
+    same loss, and dying then, in the middle of leaving, it would never say what happened."""
+    previous = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def is_quiet_rank() -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,7 +26,7 @@ from ..model.checkpoint import save_checkpoint
 from ..sampling import SampleSettings, generate
 from .averaging import WeightAverage
 from .budget import STOP_REASONS, Position, StopBudget
-from .distributed import SINGLE_PROCESS, Job
+from .distributed import SINGLE_PROCESS, Job, stop_signals
 from .metrics import MetricsWriter
 from .rundir import RunDirectory
 from .setup import TrainingSetup
@@ -114,22 +113,6 @@ def optimizer_step(model: CharRNN, optimizer: torch.optim.Optimizer, inputs: tor
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return (loss_value, map_hidden(torch.Tensor.detach, hidden)) if finite else (None, None)
-
-
-@contextmanager
-def stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
-    """Route SIGINT and SIGTERM to ``handler`` while training (from the main thread only)."""
-    previous = {}
-    try:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        pass
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
 
 
 def distributed_model(model: CharRNN, job: Job) -> Callable:
