@@ -116,10 +116,13 @@ class Job:
 
     def stop(self) -> None:
         """Leave the process group. Whatever used it (DDP's reducer) must be gone first: a reducer
-        freed after the group was destroyed hangs its process in gloo's destructor."""
+        freed after the group was destroyed hangs its process in gloo's destructor. SIGINT and SIGTERM
+        are dropped meanwhile: a rank that lost a peer is told to stop by torchrun as torchrun notices
+        the same loss, and dying then, halfway out, it would never say what happened."""
         if self.started and dist.is_initialized():
-            gc.collect()
-            dist.destroy_process_group()
+            with stop_signals(lambda signum, frame: None):
+                gc.collect()
+                dist.destroy_process_group()
         self.started = False
 
     @contextmanager
@@ -141,8 +144,7 @@ class Job:
             raise self.failure(f"lost contact with the other processes ({reason}); last.pt holds the last checkpoint, "
                                "and torchrun --max-restarts=K restarts the job from it") from None
         finally:
-            with stop_signals(lambda signum, frame: None):  # dropped: the job is ending anyway
-                self.stop()
+            self.stop()
 
     def failure(self, message: str) -> CharlmError:
         """An error of this rank's, worded so that every rank that meets one reports it."""
@@ -222,9 +224,7 @@ def job_from_environment() -> Job:
 
 @contextmanager
 def stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
-    """Route SIGINT and SIGTERM to ``handler`` for the block (from the main thread only). Leaving the
-    process group holds them off: a rank that lost a peer is told to stop by torchrun as it notices the
-    same loss, and dying then, in the middle of leaving, it would never say what happened."""
+    """Route SIGINT and SIGTERM to ``handler`` for the block (from the main thread only)."""
     previous = {}
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
