@@ -27,8 +27,13 @@ def test_no_score_depends_on_a_later_character(model):
     settings = DynamicSettings(lr=1e-2, segment=7)
     prefix = DynamicEvaluator(model, settings).score(text[:200])
     whole = DynamicEvaluator(model, settings).score(text)
-    assert len(prefix) == 199 and torch.equal(whole[:199], prefix)
-    assert not torch.equal(whole[199:250], DynamicEvaluator(model, DynamicSettings(lr=1e-9, segment=7)).score(text)[199:250])
+    frozen = DynamicEvaluator(model, DynamicSettings(lr=1e-9, segment=7)).score(text)
+    # Equal up to rounding: oneDNN and MKL pick kernels by shape, so on an AVX2 CPU the prefix's last,
+    # 3-character segment rounds one ulp unlike the same characters in a 7-character one. Learning from
+    # a later character would move a score by far more: adapting moves these by tenths of a nat.
+    assert len(prefix) == 199
+    torch.testing.assert_close(whole[:199], prefix, rtol=0, atol=1e-5)
+    assert (whole[199:250] - frozen[199:250]).abs().max() > 0.1
 
 
 def test_it_learns_the_text_and_leaves_the_model_alone(model):
