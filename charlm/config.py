@@ -42,7 +42,7 @@ class ModelConfig:
     dropout: float = field(default=0.1, metadata={"help": "dropout between recurrent layers"})
     embedding_dropout: float = field(default=0.0, metadata={"help": "dropout on the character embeddings"})
     output_dropout: float = field(default=0.1, metadata={"help": "dropout on the last layer's output, before the softmax"})
-    weight_drop: float = field(default=0.1, metadata={"help": "DropConnect on hidden-to-hidden weights (keeps fused kernels)"})
+    weight_drop: float = field(default=0.0, metadata={"help": "DropConnect on hidden-to-hidden weights (keeps fused kernels)"})
     tie_weights: bool = field(default=True, metadata={"help": "share the embedding matrix with the output layer"})
     forget_bias: float = field(default=1.0, metadata={"help": "LSTM only (other cells ignore it): start every forget gate's bias at this value (0: PyTorch's random initialisation)"})
 
@@ -53,7 +53,7 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata={"help": "number of parallel streams per batch"})
     seq_len: int = field(default=64, metadata={"help": "truncated-BPTT length in characters"})
     random_seq_len: bool = field(default=False, metadata={"help": "draw each batch's BPTT length at random around seq_len"})
-    lr: float = field(default=5e-3, metadata={"help": "peak learning rate (AdamW)"})
+    lr: float = field(default=1e-2, metadata={"help": "peak learning rate (AdamW)"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the decay"})
     schedule: str = field(default="cosine", metadata={"help": "cosine|linear: how the learning rate decays from lr to min_lr after the warm-up"})
     weight_decay: float = field(default=0.25, metadata={"help": "AdamW weight decay on matrices"})
