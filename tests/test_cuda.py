@@ -10,7 +10,7 @@ from charlm.config import ModelConfig
 from charlm.device import autocast, resolve_precision
 from charlm.errors import CharlmError
 from charlm.model.charrnn import CharRNN
-from tests.conftest import TINY, one_line_error
+from tests.conftest import TINY, one_line_error, snapshot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
@@ -44,6 +44,23 @@ def test_a_gpu_run_learns_then_samples_and_evaluates_on_the_cpu(cli, ascii_corpu
     assert cli("sample", run, "--device", "cuda", "--length", 80, "--seed", 3)[1] == cli("sample", run, "--device", "cuda", "--length", 80, "--seed", 3)[1]
     code, out, err = cli("eval", run, "--device", "cpu", "--json")
     assert code == 0 and json.loads(out)["loss"] < 3.0, err
+
+
+def test_dynamic_evaluation_on_cuda_gets_the_cpu_figure_and_leaves_the_checkpoint(cli, ascii_corpus, tmp_path):
+    """cuDNN's recurrent backward needs train mode: the adapting copy trains with its dropout off, so
+    the GPU's figure is the CPU's (up to TF32 rounding), well below the static one."""
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--data", ascii_corpus, *TINY, "--max-steps", 60, "--out", run)
+    assert code == 0, err
+    before = snapshot(run)
+    dynamic = {}
+    for device in ("cpu", "cuda"):
+        code, out, err = cli("eval", run, "--json", "--dynamic", "--dynamic-lr", "1e-2", "--device", device)
+        assert code == 0, err
+        dynamic[device] = json.loads(out)["loss"]
+    static = json.loads(cli("eval", run, "--json", "--device", "cuda")[1])["loss"]
+    assert dynamic["cuda"] == pytest.approx(dynamic["cpu"], abs=0.02) and dynamic["cuda"] < static - 0.1
+    assert snapshot(run) == before
 
 
 def test_bf16_on_cuda_is_one_line(cli, ascii_corpus, tmp_path):
